@@ -1,0 +1,847 @@
+"""Export the project's CLIP / SigLIP two-tower ViT model to PyTorch open_clip, and import back.
+
+The JAX parameter tree (``models.two_tower.TwoTowerModel`` with a ``VisionTransformer`` image tower
+and a ``TextTransformer`` text tower) maps one-to-one onto open_clip's ``CLIP`` class; only the
+layouts differ:
+
+====================================  =============================================================
+JAX (Flax ``params``)                  open_clip ``state_dict``
+====================================  =============================================================
+``conv1/kernel`` (p, p, 3, W) HWIO    ``visual.conv1.weight`` (W, 3, p, p) OIHW
+Dense ``kernel`` (in, out)            Linear ``weight`` (out, in)
+``attn/{query,key,value}`` (W, H, D)  ``attn.in_proj_weight`` (3W, W) rows [q | k | v], head-major
+``attn/out/kernel`` (H, D, W)         ``attn.out_proj.weight`` (W, H*D)
+LayerNorm ``scale``                   LayerNorm ``weight``
+``proj`` / ``text_projection``        the same matrix: open_clip computes ``x @ proj`` too
+``logit_scale`` (a log)               ``logit_scale`` (a log); ``logit_bias`` as is (SigLIP)
+====================================  =============================================================
+
+An export directory holds ``open_clip_model.safetensors`` and ``open_clip_config.json``
+(``{"model_cfg": ..., "preprocess_cfg": ...}``), the two files open_clip reads from a local
+directory or from a Hugging Face Hub repository. A user loads it with::
+
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:/path/to/export")
+    tokenizer = open_clip.get_tokenizer("local-dir:/path/to/export")
+    model.eval()
+
+(after uploading the directory's files to a Hub repository: ``"hf-hub:<user>/<repo>"`` instead).
+When ``save_open_clip`` is given a ``name``, it also writes ``<name>.json``, the bare model config
+that open_clip's registry takes::
+
+    open_clip.add_model_config("/path/to/export/<name>.json")
+    weights = "/path/to/export/open_clip_model.safetensors"
+    model = open_clip.create_model("<name>", pretrained=weights)
+
+The reverse direction, ``load_open_clip`` / ``from_open_clip_state_dict``, turns an open_clip
+checkpoint (safetensors, or a torch ``.pt``/``.bin`` when torch is installed) into this project's
+parameter tree, and ``jax_model_kwargs`` says how to build the matching JAX model.
+
+Everything is derived from the parameter tree and the config (depth from the number of blocks,
+heads from the ``(W, H, D)`` kernels), so any width, depth, patch size and image size works, not
+only ViT-B/16. Options open_clip has but this project's towers do not (QuickGELU, layer scale,
+attentional pooling, timm or Hugging Face towers...) are rejected with their config field's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTS_FILE_NAME = "open_clip_model.safetensors"
+CONFIG_FILE_NAME = "open_clip_config.json"
+# open_clip's defaults (OpenAI CLIP's normalisation); a recipe trained with other statistics passes
+# its own through ``preprocess_cfg``.
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+OPEN_CLIP_LAYER_NORM_EPS = 1e-5
+OPEN_CLIP_HEAD_WIDTH = 64
+OPEN_CLIP_TEXT_HEADS = 8
+OPEN_CLIP_MLP_RATIO = 4.0
+
+# Pooling names: this project's ViT ``pool`` field -> open_clip's ``vision_cfg.pool_type``.
+_VISION_POOL_TO_OPEN_CLIP = {"cls": "tok", "gap": "avg"}
+_VISION_POOL_FROM_OPEN_CLIP = {v: k for k, v in _VISION_POOL_TO_OPEN_CLIP.items()}
+
+# open_clip config fields whose non-default values change the network in ways this project's towers
+# cannot express. Each maps to the value(s) this mapping supports.
+_UNSUPPORTED_VISION_FIELDS: dict[str, tuple[Any, ...]] = {
+    "pool_type": ("tok", "avg"),
+    "ls_init_value": (None,),
+    "attentional_pool": (False,),
+    "no_ln_pre": (False,),
+    "pos_embed_type": ("learnable",),
+    "final_ln_after_pool": (False,),
+    "act_kwargs": (None,),
+    "block_type": (None, "default"),
+    "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
+    "timm_model_name": (None,),
+}
+_UNSUPPORTED_TEXT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "ls_init_value": (None,),
+    "embed_cls": (False,),
+    "final_ln_after_pool": (False,),
+    "pool_type": ("argmax",),
+    "proj_bias": (False,),
+    "act_kwargs": (None,),
+    "block_type": (None, "default"),
+    "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
+    "hf_model_name": (None,),
+}
+_UNSUPPORTED_TOP_FIELDS: dict[str, tuple[Any, ...]] = {
+    "quick_gelu": (False,),
+    "custom_text": (False,),
+    "nonscalar_logit_scale": (False,),
+    "multimodal_cfg": (None,),
+}
+
+ParamTree = Mapping[str, Any]
+StateDict = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# Model config (JAX hyper-parameters <-> open_clip model_cfg JSON)
+# --------------------------------------------------------------------------------------------------
+
+
+def _field(tower: Any, name: str, default: Any = None) -> Any:
+    """A hyper-parameter of a tower given as a Flax module instance (a dataclass) or a mapping."""
+    if isinstance(tower, Mapping):
+        return tower.get(name, default)
+    return getattr(tower, name, default)
+
+
+def _mlp_ratio(width: int, mlp_dim: int) -> float:
+    """An ``mlp_ratio`` for which open_clip's ``int(width * mlp_ratio)`` gives back ``mlp_dim``.
+
+    A plain ``mlp_dim / width`` can land a hair below the integer after the multiplication
+    (e.g. 2.6667-style ratios) and open_clip truncates, so nudge by half a unit when it does.
+    """
+    ratio = mlp_dim / width
+    if int(width * ratio) != mlp_dim:
+        ratio = (mlp_dim + 0.5) / width
+    return ratio
+
+
+def _norm_kwargs(eps: float) -> dict[str, Any]:
+    return {} if eps == OPEN_CLIP_LAYER_NORM_EPS else {"norm_kwargs": {"eps": eps}}
+
+
+def _image_size_value(image_size: int | tuple[int, int] | list[int]) -> int | list[int]:
+    if isinstance(image_size, int):
+        return image_size
+    height, width = image_size
+    return height if height == width else [int(height), int(width)]
+
+
+def open_clip_model_config(
+    image_encoder: Any,
+    text_encoder: Any,
+    *,
+    image_size: int | tuple[int, int],
+    init_logit_bias: float | None = None,
+) -> dict[str, Any]:
+    """open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``...) for a JAX model.
+
+    ``image_encoder`` / ``text_encoder`` are the ``VisionTransformer`` / ``TextTransformer`` module
+    instances (e.g. ``model.image_encoder``) or mappings with the same field names. ``image_size``
+    is the training resolution (the ViT does not store it; its position embeddings fix it).
+    ``init_logit_bias`` is the model's ``logit_bias_init`` for a SigLIP model: its presence makes
+    open_clip create the ``logit_bias`` parameter (the exported value overwrites it).
+
+    open_clip derives the vision tower's heads as ``width // head_width``, so the config states
+    ``head_width = width / num_heads`` (any head count that divides the width round-trips); the text
+    tower takes ``heads`` directly.
+    """
+    for name in ("patch_size", "width", "depth", "num_heads"):
+        if _field(image_encoder, name) is None:
+            raise ValueError(
+                f"image_encoder has no {name!r}: only the ViT image tower exports to open_clip's "
+                "CLIP class (other towers export through timm)"
+            )
+    vision_width = int(_field(image_encoder, "width"))
+    vision_heads = int(_field(image_encoder, "num_heads"))
+    if vision_width % vision_heads:
+        raise ValueError(f"ViT width {vision_width} is not divisible by num_heads {vision_heads}")
+    embed_dim = _field(image_encoder, "output_dim")
+    if embed_dim is None:
+        raise ValueError(
+            "image_encoder.output_dim is None: open_clip's ViT always has a `proj` matrix, so "
+            "export a model whose image tower projects to the joint embedding"
+        )
+    pool = _field(image_encoder, "pool", "cls")
+    if pool not in _VISION_POOL_TO_OPEN_CLIP:
+        raise ValueError(
+            f"ViT pool {pool!r} has no open_clip equivalent {list(_VISION_POOL_TO_OPEN_CLIP)}"
+        )
+    vision_mlp_dim = _field(image_encoder, "mlp_dim") or 4 * vision_width
+    vision_cfg = {
+        "image_size": _image_size_value(image_size),
+        "layers": int(_field(image_encoder, "depth")),
+        "width": vision_width,
+        "patch_size": int(_field(image_encoder, "patch_size")),
+        "head_width": vision_width // vision_heads,
+        "mlp_ratio": _mlp_ratio(vision_width, int(vision_mlp_dim)),
+        "pool_type": _VISION_POOL_TO_OPEN_CLIP[pool],
+        **_norm_kwargs(float(_field(image_encoder, "layer_norm_eps", OPEN_CLIP_LAYER_NORM_EPS))),
+    }
+
+    text_width = int(_field(text_encoder, "width"))
+    text_mlp_dim = _field(text_encoder, "mlp_dim") or 4 * text_width
+    text_output_dim = _field(text_encoder, "output_dim")
+    if text_output_dim is not None and text_output_dim != embed_dim:
+        raise ValueError(
+            f"text_encoder.output_dim {text_output_dim} != image_encoder.output_dim {embed_dim}: "
+            "open_clip has one embed_dim for both towers"
+        )
+    if text_output_dim is None and text_width != embed_dim:
+        raise ValueError(
+            f"the text tower has no projection, so its width {text_width} must equal embed_dim "
+            f"{embed_dim}"
+        )
+    text_cfg = {
+        "context_length": int(_field(text_encoder, "context_length")),
+        "vocab_size": int(_field(text_encoder, "vocab_size")),
+        "width": text_width,
+        "heads": int(_field(text_encoder, "num_heads")),
+        "layers": int(_field(text_encoder, "depth")),
+        "mlp_ratio": _mlp_ratio(text_width, int(text_mlp_dim)),
+        "no_causal_mask": not _field(text_encoder, "causal", True),
+        **({} if text_output_dim is not None else {"proj_type": "none"}),
+        **_norm_kwargs(float(_field(text_encoder, "layer_norm_eps", OPEN_CLIP_LAYER_NORM_EPS))),
+    }
+    config: dict[str, Any] = {
+        "embed_dim": int(embed_dim),
+        "quick_gelu": False,  # the project's MLPs use exact (erf) GELU
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+    }
+    if init_logit_bias is not None:
+        config["init_logit_bias"] = float(init_logit_bias)
+    return config
+
+
+def _check_supported(model_config: Mapping[str, Any]) -> None:
+    """Reject open_clip options that change the network in ways the JAX towers cannot express."""
+    problems = []
+    for section, fields in (
+        (model_config, _UNSUPPORTED_TOP_FIELDS),
+        (model_config.get("vision_cfg", {}), _UNSUPPORTED_VISION_FIELDS),
+        (model_config.get("text_cfg", {}), _UNSUPPORTED_TEXT_FIELDS),
+    ):
+        for name, supported in fields.items():
+            if section.get(name, supported[0]) not in supported:
+                problems.append(f"{name}={section[name]!r}")
+    vision_cfg = model_config.get("vision_cfg", {})
+    if isinstance(vision_cfg.get("layers", 12), list | tuple):
+        problems.append("vision_cfg.layers is a list (a ResNet image tower)")
+    for section_name in ("vision_cfg", "text_cfg"):
+        norm_kwargs = model_config.get(section_name, {}).get("norm_kwargs") or {}
+        if set(norm_kwargs) - {"eps"}:
+            problems.append(f"{section_name}.norm_kwargs={norm_kwargs!r} (only eps is supported)")
+    patch_size = vision_cfg.get("patch_size", 16)
+    if isinstance(patch_size, list | tuple) and len(set(patch_size)) != 1:
+        problems.append(f"non-square patch_size={patch_size!r}")
+    if problems:
+        raise ValueError(
+            "open_clip config options that the project's ViT/text towers do not implement: "
+            + ", ".join(problems)
+        )
+
+
+def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    height, width = value
+    return int(height), int(width)
+
+
+def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """How to build the JAX model that matches an open_clip model config.
+
+    Returns ``{"image_encoder": VisionTransformer kwargs, "text_encoder": TextTransformer kwargs,
+    "logit_bias_init": float | None, "image_size": (height, width)}``; e.g.::
+
+        kwargs = jax_model_kwargs(config)
+        model = TwoTowerModel(VisionTransformer(**kwargs["image_encoder"]),
+                              TextTransformer(**kwargs["text_encoder"]),
+                              logit_bias_init=kwargs["logit_bias_init"])
+    """
+    _check_supported(model_config)
+    vision_cfg = model_config["vision_cfg"]
+    text_cfg = model_config["text_cfg"]
+    embed_dim = int(model_config["embed_dim"])
+    vision_width = int(vision_cfg.get("width", 768))
+    head_width = int(vision_cfg.get("head_width", OPEN_CLIP_HEAD_WIDTH))
+    text_width = int(text_cfg.get("width", 512))
+    no_text_projection = text_cfg.get("proj_type", "linear") == "none"
+    image_encoder = {
+        "patch_size": _as_pair(vision_cfg.get("patch_size", 16))[0],
+        "width": vision_width,
+        "depth": int(vision_cfg.get("layers", 12)),
+        "num_heads": vision_width // head_width,
+        "mlp_dim": int(vision_width * vision_cfg.get("mlp_ratio", OPEN_CLIP_MLP_RATIO)),
+        "output_dim": embed_dim,
+        "pool": _VISION_POOL_FROM_OPEN_CLIP[vision_cfg.get("pool_type", "tok")],
+        "layer_norm_eps": _eps(vision_cfg),
+    }
+    text_encoder = {
+        "width": text_width,
+        "depth": int(text_cfg.get("layers", 12)),
+        "num_heads": int(text_cfg.get("heads", OPEN_CLIP_TEXT_HEADS)),
+        "mlp_dim": int(text_width * text_cfg.get("mlp_ratio", OPEN_CLIP_MLP_RATIO)),
+        "vocab_size": int(text_cfg.get("vocab_size", 49408)),
+        "context_length": int(text_cfg.get("context_length", 77)),
+        "output_dim": None if no_text_projection else embed_dim,
+        "causal": not text_cfg.get("no_causal_mask", False),
+        "layer_norm_eps": _eps(text_cfg),
+    }
+    return {
+        "image_encoder": image_encoder,
+        "text_encoder": text_encoder,
+        "logit_bias_init": model_config.get("init_logit_bias"),
+        "image_size": _as_pair(vision_cfg.get("image_size", 224)),
+    }
+
+
+def _eps(tower_cfg: Mapping[str, Any]) -> float:
+    return float((tower_cfg.get("norm_kwargs") or {}).get("eps", OPEN_CLIP_LAYER_NORM_EPS))
+
+
+def _block_shapes(prefix: str, width: int, mlp_dim: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.ln_1.weight": (width,),
+        f"{prefix}.ln_1.bias": (width,),
+        f"{prefix}.attn.in_proj_weight": (3 * width, width),
+        f"{prefix}.attn.in_proj_bias": (3 * width,),
+        f"{prefix}.attn.out_proj.weight": (width, width),
+        f"{prefix}.attn.out_proj.bias": (width,),
+        f"{prefix}.ln_2.weight": (width,),
+        f"{prefix}.ln_2.bias": (width,),
+        f"{prefix}.mlp.c_fc.weight": (mlp_dim, width),
+        f"{prefix}.mlp.c_fc.bias": (mlp_dim,),
+        f"{prefix}.mlp.c_proj.weight": (width, mlp_dim),
+        f"{prefix}.mlp.c_proj.bias": (width,),
+    }
+
+
+def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the state dict open_clip's ``CLIP`` class builds from a config.
+
+    Written from open_clip's module layout, independently of the parameter mapping, so that a
+    config and a set of weights that disagree fail at export time instead of at the user's
+    ``load_state_dict``.
+    """
+    kwargs = jax_model_kwargs(model_config)
+    vision, text = kwargs["image_encoder"], kwargs["text_encoder"]
+    image_height, image_width = kwargs["image_size"]
+    patch = vision["patch_size"]
+    grid = (image_height // patch) * (image_width // patch)
+    width = vision["width"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "visual.class_embedding": (width,),
+        "visual.positional_embedding": (grid + 1, width),
+        "visual.proj": (width, vision["output_dim"]),
+        "visual.conv1.weight": (width, 3, patch, patch),
+        "visual.ln_pre.weight": (width,),
+        "visual.ln_pre.bias": (width,),
+    }
+    for index in range(vision["depth"]):
+        shapes.update(
+            _block_shapes(f"visual.transformer.resblocks.{index}", width, vision["mlp_dim"])
+        )
+    shapes.update({"visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,)})
+    text_width = text["width"]
+    shapes.update(
+        {
+            "positional_embedding": (text["context_length"], text_width),
+            "token_embedding.weight": (text["vocab_size"], text_width),
+            "ln_final.weight": (text_width,),
+            "ln_final.bias": (text_width,),
+            "logit_scale": (),
+        }
+    )
+    if text["output_dim"] is not None:
+        shapes["text_projection"] = (text_width, text["output_dim"])
+    for index in range(text["depth"]):
+        shapes.update(_block_shapes(f"transformer.resblocks.{index}", text_width, text["mlp_dim"]))
+    if kwargs["logit_bias_init"] is not None:
+        shapes["logit_bias"] = ()
+    return shapes
+
+
+def check_state_dict_matches_config(
+    state_dict: Mapping[str, Any], model_config: Mapping[str, Any]
+) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped key."""
+    expected = open_clip_state_dict_shapes(model_config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = [
+        f"{key}: {tuple(np.shape(state_dict[key]))} != {expected[key]}"
+        for key in sorted(set(expected) & set(state_dict))
+        if tuple(np.shape(state_dict[key])) != expected[key]
+    ]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            "state dict does not match the open_clip config: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
+            f"wrong shapes {mis_shaped[:8]}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters (JAX tree <-> open_clip state dict)
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
+
+
+class _Consumer:
+    """Hands out entries of a flat mapping once each, so that unmapped leftovers are detectable."""
+
+    def __init__(self, flat: Mapping[str, Any], convert: Callable[[Any], np.ndarray]):
+        self._remaining = dict(flat)
+        self._convert = convert
+
+    def take(self, key: str) -> np.ndarray:
+        if key not in self._remaining:
+            raise KeyError(f"expected parameter {key!r} is missing")
+        return self._convert(self._remaining.pop(key))
+
+    def has(self, key: str) -> bool:
+        return key in self._remaining
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [key for key in self._remaining if key.startswith(prefix)]
+
+    def check_all_taken(self, what: str) -> None:
+        if self._remaining:
+            raise ValueError(f"{what} entries with no open_clip mapping: {sorted(self._remaining)}")
+
+
+def _block_indices(keys: list[str], pattern: str) -> int:
+    """Number of transformer blocks, checking that their indices run 0..n-1."""
+    indices = sorted({int(m.group(1)) for key in keys if (m := re.match(pattern, key))})
+    if indices != list(range(len(indices))):
+        raise ValueError(f"transformer block indices are not contiguous from 0: {indices}")
+    return len(indices)
+
+
+def _linear_to_torch(take: Callable[[str], np.ndarray], jax: str, torch: str) -> StateDict:
+    return {f"{torch}.weight": take(f"{jax}/kernel").T, f"{torch}.bias": take(f"{jax}/bias")}
+
+
+def _layer_norm_to_torch(take: Callable[[str], np.ndarray], jax: str, torch: str) -> StateDict:
+    return {f"{torch}.weight": take(f"{jax}/scale"), f"{torch}.bias": take(f"{jax}/bias")}
+
+
+def _block_to_torch(take: Callable[[str], np.ndarray], jax: str, torch: str) -> StateDict:
+    """One pre-LN residual block; q, k, v (W, H, D) kernels stack into the (3W, W) in_proj."""
+    kernels = [take(f"{jax}/attn/{name}/kernel") for name in ("query", "key", "value")]
+    biases = [take(f"{jax}/attn/{name}/bias") for name in ("query", "key", "value")]
+    width = kernels[0].shape[0]
+    out_kernel = take(f"{jax}/attn/out/kernel")  # (H, D, W)
+    return {
+        **_layer_norm_to_torch(take, f"{jax}/ln_1", f"{torch}.ln_1"),
+        # torch splits the projected width into heads head-major, as the (H, D) reshape does.
+        f"{torch}.attn.in_proj_weight": np.concatenate(
+            [kernel.reshape(width, -1).T for kernel in kernels], axis=0
+        ),
+        f"{torch}.attn.in_proj_bias": np.concatenate([bias.reshape(-1) for bias in biases]),
+        f"{torch}.attn.out_proj.weight": out_kernel.reshape(-1, out_kernel.shape[-1]).T,
+        f"{torch}.attn.out_proj.bias": take(f"{jax}/attn/out/bias"),
+        **_layer_norm_to_torch(take, f"{jax}/ln_2", f"{torch}.ln_2"),
+        **_linear_to_torch(take, f"{jax}/mlp/c_fc", f"{torch}.mlp.c_fc"),
+        **_linear_to_torch(take, f"{jax}/mlp/c_proj", f"{torch}.mlp.c_proj"),
+    }
+
+
+def _transformer_to_torch(params: _Consumer, jax_prefix: str, torch_prefix: str) -> StateDict:
+    depth = _block_indices(
+        params.keys_under(jax_prefix), re.escape(jax_prefix) + r"resblocks_(\d+)/"
+    )
+    state: StateDict = {}
+    for index in range(depth):
+        state.update(
+            _block_to_torch(
+                params.take, f"{jax_prefix}resblocks_{index}", f"{torch_prefix}resblocks.{index}"
+            )
+        )
+    return state
+
+
+def _vision_to_torch(params: _Consumer) -> StateDict:
+    take = params.take
+    state = {
+        "visual.class_embedding": take("image_encoder/class_embedding"),
+        "visual.positional_embedding": take("image_encoder/positional_embedding"),
+        # HWIO -> OIHW
+        "visual.conv1.weight": take("image_encoder/conv1/kernel").transpose(3, 2, 0, 1),
+        **_layer_norm_to_torch(take, "image_encoder/ln_pre", "visual.ln_pre"),
+        **_transformer_to_torch(params, "image_encoder/transformer/", "visual.transformer."),
+        **_layer_norm_to_torch(take, "image_encoder/ln_post", "visual.ln_post"),
+    }
+    if not params.has("image_encoder/proj"):
+        raise ValueError("image_encoder has no `proj`: open_clip's ViT always projects")
+    state["visual.proj"] = take("image_encoder/proj")
+    return state
+
+
+def _text_to_torch(params: _Consumer) -> StateDict:
+    take = params.take
+    state = {
+        "token_embedding.weight": take("text_encoder/token_embedding/embedding"),
+        "positional_embedding": take("text_encoder/positional_embedding"),
+        **_transformer_to_torch(params, "text_encoder/transformer/", "transformer."),
+        **_layer_norm_to_torch(take, "text_encoder/ln_final", "ln_final"),
+    }
+    if params.has("text_encoder/text_projection"):
+        state["text_projection"] = take("text_encoder/text_projection")
+    return state
+
+
+def _unwrap_variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Accept ``variables`` ({"params": ...}) as well as the bare ``params`` tree."""
+    if set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
+def to_open_clip_state_dict(
+    params: ParamTree,
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    dtype: Any = np.float32,
+) -> StateDict:
+    """Map a JAX two-tower ViT parameter tree to open_clip's ``CLIP`` state dict (NumPy arrays).
+
+    ``params`` is the ``params`` collection (or the ``variables`` dict holding it), with JAX or
+    NumPy leaves; they must be fully addressable (gather sharded arrays first). Every leaf must map:
+    a parameter open_clip has no place for raises ``ValueError``. When ``model_config`` is given,
+    the result is checked against the keys and shapes that config builds in open_clip.
+    """
+    convert = lambda value: np.asarray(value, dtype=dtype)
+    params_consumer = _Consumer(_flatten(_unwrap_variables(params)), convert)
+    state = {**_vision_to_torch(params_consumer), **_text_to_torch(params_consumer)}
+    state["logit_scale"] = params_consumer.take("logit_scale")
+    if params_consumer.has("logit_bias"):
+        state["logit_bias"] = params_consumer.take("logit_bias")
+    params_consumer.check_all_taken("JAX parameter")
+    # Transposes leave strided views; safetensors and torch want contiguous buffers.
+    state = {key: np.asarray(value, order="C") for key, value in state.items()}
+    if model_config is not None:
+        check_state_dict_matches_config(state, model_config)
+    return state
+
+
+def _linear_from_torch(take: Callable[[str], np.ndarray], torch: str, jax: str) -> StateDict:
+    return {f"{jax}/kernel": take(f"{torch}.weight").T, f"{jax}/bias": take(f"{torch}.bias")}
+
+
+def _layer_norm_from_torch(take: Callable[[str], np.ndarray], torch: str, jax: str) -> StateDict:
+    return {f"{jax}/scale": take(f"{torch}.weight"), f"{jax}/bias": take(f"{torch}.bias")}
+
+
+def _block_from_torch(
+    take: Callable[[str], np.ndarray], torch: str, jax: str, num_heads: int
+) -> StateDict:
+    in_weight = take(f"{torch}.attn.in_proj_weight")  # (3W, W)
+    in_bias = take(f"{torch}.attn.in_proj_bias")
+    width = in_weight.shape[1]
+    head_dim = width // num_heads
+    block: StateDict = {**_layer_norm_from_torch(take, f"{torch}.ln_1", f"{jax}/ln_1")}
+    for name, weight, bias in zip(
+        ("query", "key", "value"), np.split(in_weight, 3, axis=0), np.split(in_bias, 3)
+    ):
+        block[f"{jax}/attn/{name}/kernel"] = weight.T.reshape(width, num_heads, head_dim)
+        block[f"{jax}/attn/{name}/bias"] = bias.reshape(num_heads, head_dim)
+    block[f"{jax}/attn/out/kernel"] = take(f"{torch}.attn.out_proj.weight").T.reshape(
+        num_heads, head_dim, width
+    )
+    block[f"{jax}/attn/out/bias"] = take(f"{torch}.attn.out_proj.bias")
+    block.update(_layer_norm_from_torch(take, f"{torch}.ln_2", f"{jax}/ln_2"))
+    block.update(_linear_from_torch(take, f"{torch}.mlp.c_fc", f"{jax}/mlp/c_fc"))
+    block.update(_linear_from_torch(take, f"{torch}.mlp.c_proj", f"{jax}/mlp/c_proj"))
+    return block
+
+
+def _transformer_from_torch(
+    state: _Consumer, torch_prefix: str, jax_prefix: str, num_heads: int
+) -> StateDict:
+    depth = _block_indices(
+        state.keys_under(torch_prefix), re.escape(torch_prefix) + r"resblocks\.(\d+)\."
+    )
+    flat: StateDict = {}
+    for index in range(depth):
+        flat.update(
+            _block_from_torch(
+                state.take,
+                f"{torch_prefix}resblocks.{index}",
+                f"{jax_prefix}resblocks_{index}",
+                num_heads,
+            )
+        )
+    return flat
+
+
+def _strip_custom_text_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """open_clip's CustomTextCLIP keeps the (same) text tower under ``text.``; CLIP at the top."""
+    return {key.removeprefix("text."): value for key, value in state_dict.items()}
+
+
+def from_open_clip_state_dict(
+    state_dict: Mapping[str, Any],
+    *,
+    model_config: Mapping[str, Any],
+    dtype: Any = np.float32,
+) -> dict[str, Any]:
+    """Map an open_clip ``CLIP`` state dict (NumPy arrays) to this project's ``params`` tree.
+
+    The config is needed for the head counts, which a state dict does not record. The exact inverse
+    of :func:`to_open_clip_state_dict`: a round trip returns the same arrays.
+    """
+    state_dict = _strip_custom_text_prefix(state_dict)
+    check_state_dict_matches_config(state_dict, model_config)
+    kwargs = jax_model_kwargs(model_config)
+    state = _Consumer(state_dict, lambda value: np.asarray(value, dtype=dtype))
+    take = state.take
+    flat: StateDict = {
+        "image_encoder/class_embedding": take("visual.class_embedding"),
+        "image_encoder/positional_embedding": take("visual.positional_embedding"),
+        "image_encoder/conv1/kernel": take("visual.conv1.weight").transpose(2, 3, 1, 0),
+        **_layer_norm_from_torch(take, "visual.ln_pre", "image_encoder/ln_pre"),
+        **_transformer_from_torch(
+            state,
+            "visual.transformer.",
+            "image_encoder/transformer/",
+            kwargs["image_encoder"]["num_heads"],
+        ),
+        **_layer_norm_from_torch(take, "visual.ln_post", "image_encoder/ln_post"),
+        "image_encoder/proj": take("visual.proj"),
+        "text_encoder/token_embedding/embedding": take("token_embedding.weight"),
+        "text_encoder/positional_embedding": take("positional_embedding"),
+        **_transformer_from_torch(
+            state, "transformer.", "text_encoder/transformer/", kwargs["text_encoder"]["num_heads"]
+        ),
+        **_layer_norm_from_torch(take, "ln_final", "text_encoder/ln_final"),
+        "logit_scale": take("logit_scale"),
+    }
+    if state.has("text_projection"):
+        flat["text_encoder/text_projection"] = take("text_projection")
+    if state.has("logit_bias"):
+        flat["logit_bias"] = take("logit_bias")
+    state.check_all_taken("open_clip state dict")
+    return _unflatten({key: np.asarray(value, order="C") for key, value in flat.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def default_preprocess_config(image_size: int | list[int]) -> dict[str, Any]:
+    """open_clip's ``preprocess_cfg`` (resize, crop, normalise) with OpenAI's statistics."""
+    return {
+        "size": image_size,
+        "mode": "RGB",
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def save_open_clip(
+    path_dir: str | Path,
+    params: ParamTree,
+    model_config: Mapping[str, Any],
+    name: str | None = None,
+    *,
+    preprocess_cfg: Mapping[str, Any] | None = None,
+    dtype: Any = np.float32,
+) -> Path:
+    """Write an open_clip export directory; returns its path.
+
+    Files: ``open_clip_model.safetensors`` (the state dict), ``open_clip_config.json``
+    (``{"model_cfg", "preprocess_cfg"}``, what ``local-dir:`` and ``hf-hub:`` read) and, when
+    ``name`` is given, ``<name>.json`` (the bare model config for ``open_clip.add_model_config``).
+    ``preprocess_cfg`` entries override the defaults (OpenAI mean/std, bicubic, the model's size).
+    """
+    from safetensors.numpy import save_file
+
+    state = to_open_clip_state_dict(params, model_config=model_config, dtype=dtype)
+    path_dir = Path(path_dir)
+    path_dir.mkdir(parents=True, exist_ok=True)
+    image_size = model_config["vision_cfg"]["image_size"]
+    config = {
+        "model_cfg": dict(model_config),
+        "preprocess_cfg": {**default_preprocess_config(image_size), **(preprocess_cfg or {})},
+    }
+    # Write to temporary names first so that an interrupted export never looks complete.
+    weights_path = path_dir / WEIGHTS_FILE_NAME
+    save_file(state, str(weights_path) + ".tmp", metadata={"format": "pt"})
+    Path(str(weights_path) + ".tmp").replace(weights_path)
+    _write_json(path_dir / CONFIG_FILE_NAME, config)
+    if name is not None:
+        if not re.fullmatch(r"[\w.\-]+", name):
+            raise ValueError(
+                f"model name {name!r} must be a plain file stem (letters, digits, -_.)"
+            )
+        _write_json(path_dir / f"{name}.json", dict(model_config))
+    return path_dir
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def _load_safetensors(path: Path) -> StateDict:
+    import safetensors.numpy
+
+    try:
+        return safetensors.numpy.load_file(str(path))
+    except (KeyError, TypeError, ValueError):
+        # safetensors' NumPy reader has no bfloat16; its Flax reader does (ml_dtypes on the host).
+        import safetensors.flax
+
+        return {
+            key: np.asarray(value) for key, value in safetensors.flax.load_file(str(path)).items()
+        }
+
+
+def _load_torch_file(path: Path) -> StateDict:
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path.name} needs PyTorch (`pip install torch`); safetensors files do not"
+        ) from error
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    # open_clip training checkpoints wrap the weights; DDP prefixes every key with "module.".
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    return {
+        key.removeprefix("module."): value.detach().float().numpy()
+        for key, value in checkpoint.items()
+        if hasattr(value, "detach")
+    }
+
+
+def load_open_clip_weights(path: str | Path) -> StateDict:
+    """Read an open_clip state dict: safetensors with NumPy; .pt, .pth and .bin need torch."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return _load_torch_file(path)
+    raise ValueError(
+        f"unknown checkpoint format {path.suffix!r}: use .safetensors, .pt, .pth or .bin"
+    )
+
+
+def _find_weights(path_dir: Path) -> Path:
+    preferred = [WEIGHTS_FILE_NAME, "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth"]
+    for name in preferred:
+        if (path_dir / name).is_file():
+            return path_dir / name
+    raise FileNotFoundError(f"no open_clip weights ({', '.join(preferred)}) in {path_dir}")
+
+
+def load_open_clip(path_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read an open_clip export directory (ours or a Hub snapshot): ``(model_cfg, params)``."""
+    path_dir = Path(path_dir)
+    config = json.loads((path_dir / CONFIG_FILE_NAME).read_text())
+    model_config = config.get("model_cfg", config)
+    state_dict = load_open_clip_weights(_find_weights(path_dir))
+    return model_config, from_open_clip_state_dict(state_dict, model_config=model_config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+_LOAD_SNIPPET = """\
+Load an export directory in PyTorch:
+
+  import open_clip
+  model, _, preprocess = open_clip.create_model_and_transforms("local-dir:/path/to/export")
+  tokenizer = open_clip.get_tokenizer("local-dir:/path/to/export")
+
+or, with a named config (written by save_open_clip(..., name=NAME)):
+
+  open_clip.add_model_config("/path/to/export/NAME.json")
+  weights = "/path/to/export/open_clip_model.safetensors"
+  model = open_clip.create_model("NAME", pretrained=weights)
+"""
+
+
+def _check_directory(path_dir: Path) -> None:
+    config = json.loads((path_dir / CONFIG_FILE_NAME).read_text())
+    model_config = config.get("model_cfg", config)
+    state_dict = load_open_clip_weights(_find_weights(path_dir))
+    check_state_dict_matches_config(state_dict, model_config)
+    count = sum(int(np.prod(np.shape(value))) for value in state_dict.values())
+    print(
+        f"{path_dir}: {len(state_dict)} tensors, {count:,} parameters, consistent with its config"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.export.open_clip",
+        description="Export the project's CLIP/SigLIP ViT models to open_clip (PyTorch).",
+        epilog=_LOAD_SNIPPET,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser(
+        "check", help="check that an export directory's weights match its config (no torch needed)"
+    )
+    check.add_argument("directory", type=Path)
+    arguments = parser.parse_args(argv)
+    if arguments.command == "check":
+        _check_directory(arguments.directory)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""What the trainer needs from a method (CLIP, CatLIP, CLIPTeX, UTA): the Task interface.
+
+A task owns its model, its loss and its evaluators; the trainer owns the loop, sharding,
+optimizer, EMA, checkpoints and logging. The trainer never imports a task by name: the config's
+``task`` field is a module path whose ``Task`` class is built with ``(config, mesh)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class Task(abc.ABC):
+    """Base class of the per-method task files in pretrain/tasks/."""
+
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+
+    @abc.abstractmethod
+    def init_params(self, rng: jax.Array) -> Params:
+        """Model parameters (called inside jit with sharded outputs: no host work here)."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        """Global-batch loss and scalar metrics for one (micro-)batch of global arrays."""
+
+    @abc.abstractmethod
+    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+        """A checkpointable grain IterDataset of this process's host batches (NumPy dicts).
+
+        A batch may carry ``skipped`` (records dropped as corrupt since the previous batch); the
+        trainer counts it and does not send it to the devices.
+        """
+
+    def evaluate(self, params: Params, step: int) -> dict[str, float]:
+        """Run the task's evaluators; every process calls it (the encoders are collective)."""
+        del params, step
+        return {}
+
+    def export(self, params: Params, directory: str) -> str:
+        """Write ``params`` (host NumPy) in the PyTorch format of this method; returns the path."""
+        raise NotImplementedError(f"{type(self).__module__} has no PyTorch export")
+
+    def project_params(self, params: Params) -> Params:
+        """Applied after each optimizer update (e.g. clamping CLIP's temperature)."""
+        return params
+
+    # Tasks whose loss couples the examples of a batch (contrastive losses) can split the loss
+    # into a per-example embedding and a loss over all embeddings. Gradient accumulation then
+    # gives exactly the large-batch gradient (see trainer.accumulated_gradients).
+    def embed(self, params: Params, batch: Batch, rng: jax.Array) -> Any:
+        raise NotImplementedError
+
+    def loss_from_embeddings(
+        self, params: Params, embeddings: Any, rng: jax.Array
+    ) -> tuple[jax.Array, Metrics]:
+        raise NotImplementedError
+
+    @property
+    def splits_loss(self) -> bool:
+        cls = type(self)
+        return (
+            cls.embed is not Task.embed
+            and cls.loss_from_embeddings is not Task.loss_from_embeddings
+        )
+
+
+def build_task(config: ConfigDict, mesh: Mesh) -> Task:
+    """Import the module named by ``config.task`` and build its ``Task``."""
+    try:
+        module = importlib.import_module(config.task)
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"config.task={config.task!r} is not an importable module: {error}"
+        ) from error
+    task_cls = getattr(module, "Task", None)
+    if task_cls is None or not issubclass(task_cls, Task):
+        raise ValueError(
+            f"module {config.task!r} has no Task class deriving pretrain.tasks.base.Task"
+        )
+    return task_cls(config, mesh)
+
+
+def import_object(path: str) -> Any:
+    """``"models.vit.VisionTransformer"`` -> the class (configs name modules by path)."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import {path!r} named in the config: {error}") from error
+
+
+def build_module(spec: Mapping[str, Any], **common: Any) -> Any:
+    """Build a Flax module from a config entry ``{"module": path, "variant": name, **fields}``.
+
+    ``variant`` (if non-empty) goes through the class's ``from_variant``; other fields and the
+    ``common`` ones (dtype, output size...) are passed as keyword arguments, fields winning.
+    """
+    fields = dict(spec)
+    module_cls = import_object(fields.pop("module"))
+    variant = fields.pop("variant", "")
+    kwargs = {**common, **fields}
+    try:
+        return module_cls.from_variant(variant, **kwargs) if variant else module_cls(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"bad fields for {spec['module']}: {error}") from error

@@ -1,0 +1,157 @@
+"""CLIP / SigLIP task: two towers trained with a global-batch contrastive loss.
+
+What is specific to CLIP lives here and nowhere else: the two-tower model built from the config, the
+loss (``clip``, ``sigmoid``, ``sigmoid_ring``) applied under ``shard_map`` over the batch axes,
+the temperature clamp, the image-text data pipeline and the zero-shot / retrieval evaluators.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+from ml_collections import ConfigDict
+
+from losses.contrastive import clip_loss
+from losses.sigmoid import sigmoid_loss, sigmoid_loss_ring
+from models.two_tower import (
+    CLIP_LOGIT_SCALE_INIT,
+    SIGLIP_LOGIT_BIAS_INIT,
+    SIGLIP_LOGIT_SCALE_INIT,
+    TwoTowerModel,
+)
+from pretrain import sharding
+from pretrain.data import image_text
+from pretrain.data.transforms import normalize
+from pretrain.evaluate import image_text_eval
+from pretrain.export import open_clip
+from pretrain.tasks import base
+
+LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
+# open_clip clamps the learned temperature so that the logit scale never exceeds 100.
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+
+
+def build_two_tower(model_config: ConfigDict, loss_name: str) -> TwoTowerModel:
+    """The CLIP/SigLIP model described by ``config.model``."""
+    common = {
+        "output_dim": int(model_config.embed_dim),
+        "dtype": jnp.dtype(model_config.dtype),
+        "param_dtype": jnp.dtype(model_config.param_dtype),
+        "remat_policy": model_config.remat_policy,
+    }
+    sigmoid = loss_name.startswith("sigmoid")
+    return TwoTowerModel(
+        image_encoder=base.build_module(model_config.image, **common),
+        text_encoder=base.build_module(model_config.text, **common),
+        logit_scale_init=SIGLIP_LOGIT_SCALE_INIT if sigmoid else CLIP_LOGIT_SCALE_INIT,
+        logit_bias_init=SIGLIP_LOGIT_BIAS_INIT if sigmoid else None,
+    )
+
+
+class Task(base.Task):
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        super().__init__(config, mesh)
+        if config.loss.name not in LOSSES:
+            raise ValueError(f"config.loss.name={config.loss.name!r}; choose from {sorted(LOSSES)}")
+        self.loss_name = config.loss.name
+        self.model = build_two_tower(config.model, self.loss_name)
+        self.image_size = int(config.data.image_size)
+        self.context_length = int(config.model.text.context_length)
+        self._evaluator: image_text_eval.ImageTextEvaluator | None = None
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def init_params(self, rng: jax.Array) -> Any:
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        tokens = jnp.zeros((1, self.context_length), jnp.int32)
+        return self.model.init(rng, images, tokens)["params"]
+
+    def encode_images(self, params: Any, images_uint8: jax.Array) -> jax.Array:
+        embeds, _ = self.model.apply(
+            {"params": params}, normalize(images_uint8), method=TwoTowerModel.encode_image
+        )
+        return embeds
+
+    def encode_texts(self, params: Any, tokens: jax.Array) -> jax.Array:
+        embeds, _ = self.model.apply({"params": params}, tokens, method=TwoTowerModel.encode_text)
+        return embeds
+
+    # -- loss ----------------------------------------------------------------------------------
+
+    def embed(self, params: Any, batch: base.Batch, rng: jax.Array) -> dict[str, jax.Array]:
+        del rng  # no dropout in these towers
+        return {
+            "image": self.encode_images(params, batch["image"]),
+            "text": self.encode_texts(params, batch["text"]),
+        }
+
+    def loss_from_embeddings(
+        self, params: Any, embeddings: dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, base.Metrics]:
+        del rng
+        scale = jnp.exp(params["logit_scale"])
+        batch_spec = PartitionSpec(sharding.BATCH_AXES)
+        loss = LOSSES[self.loss_name]
+        scalars: tuple[jax.Array, ...] = (scale,)
+        if self.loss_name.startswith("sigmoid"):
+            scalars = (scale, params["logit_bias"])
+        sharded_loss = jax.shard_map(
+            functools.partial(loss, axis_name=sharding.BATCH_AXES),
+            mesh=self.mesh,
+            in_specs=(batch_spec, batch_spec, *([PartitionSpec()] * len(scalars))),
+            out_specs=PartitionSpec(),
+        )
+        value = sharded_loss(embeddings["image"], embeddings["text"], *scalars)
+        metrics = {"logit_scale": scale}
+        if len(scalars) == 2:
+            metrics["logit_bias"] = scalars[1]
+        return value, metrics
+
+    def loss_fn(
+        self, params: Any, batch: base.Batch, rng: jax.Array
+    ) -> tuple[jax.Array, base.Metrics]:
+        return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
+
+    def project_params(self, params: Any) -> Any:
+        clamped = jnp.clip(params["logit_scale"], 0.0, MAX_LOG_LOGIT_SCALE)
+        return {**params, "logit_scale": clamped}
+
+    # -- data and evaluation -------------------------------------------------------------------
+
+    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+        return image_text.train_dataset(
+            self.config.data,
+            batch_size=batch_size,
+            seed=int(self.config.seed),
+            context_length=self.context_length,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def export(self, params: Any, directory: str) -> str:
+        """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py."""
+        model_config = open_clip.open_clip_model_config(
+            self.model.image_encoder,
+            self.model.text_encoder,
+            image_size=self.image_size,
+            init_logit_bias=self.model.logit_bias_init,
+        )
+        return str(open_clip.save_open_clip(directory, params, model_config))
+
+    def evaluate(self, params: Any, step: int) -> dict[str, float]:
+        del step
+        if self._evaluator is None:
+            self._evaluator = image_text_eval.ImageTextEvaluator(
+                self.config.eval,
+                mesh=self.mesh,
+                image_size=self.image_size,
+                context_length=self.context_length,
+                encode_images=self.encode_images,
+                encode_texts=self.encode_texts,
+            )
+        return self._evaluator(params)

@@ -1,0 +1,542 @@
+"""The one train loop of the project: every method runs through ``train_and_evaluate``.
+
+One jitted, sharded step: task loss -> gradients (optionally accumulated over micro-batches) ->
+optax update -> task's parameter projection -> EMA. Around it: checkpoints (resume, keep-N, best,
+SIGTERM save), evaluation on a schedule, progress on the terminal and metrics for TensorBoard/CSV.
+A non-finite loss or gradient stops the run before anything after it is saved, so the last
+checkpoint on disk is always a good one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from pretrain import sharding
+from pretrain.checkpoint import Checkpointer
+from pretrain.metrics import MetricWriter, format_duration
+from pretrain.optim import make_optimizer
+from pretrain.tasks.base import Task, build_task
+
+State = dict[str, Any]
+# Batch fields produced by the data pipeline for the host's bookkeeping, never sent to devices.
+HOST_ONLY_FIELDS = ("skipped",)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient norm becomes NaN/inf."""
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+def init_state(
+    task: Task, tx: optax.GradientTransformation, seed: int, use_ema: bool
+) -> Callable[[], State]:
+    """A function building the initial train state (to be jitted with sharded outputs)."""
+
+    def build() -> State:
+        init_rng, train_rng = jax.random.split(jax.random.key(seed))
+        params = task.init_params(init_rng)
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            # Raw key data: checkpoints store plain uint32 arrays, not typed keys.
+            "rng": jax.random.key_data(train_rng),
+        }
+        if use_ema:
+            state["ema_params"] = params
+        return state
+
+    return build
+
+
+def state_shardings(abstract_state: State, mesh: Mesh, rules: Any) -> State:
+    return sharding.tree_shardings(abstract_state, mesh, rules)
+
+
+def count_params(params: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+
+
+def split_microbatches(batch: Any, steps: int, mesh: Mesh) -> Any:
+    """(B, ...) -> (steps, B/steps, ...), each micro-batch spread over all data-parallel devices.
+
+    Rows are taken with stride ``steps`` so that micro-batch i holds rows i, i+steps, ...: every
+    device contributes to every micro-batch, and no data moves between devices.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0] // steps
+        x = x.reshape(rows, steps, *x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def _tree_mean(trees: Any) -> Any:
+    return jax.tree.map(lambda x: x.mean(axis=0), trees)
+
+
+def accumulated_gradients(
+    task: Task, params: Any, batch: Any, rng: jax.Array, steps: int, mesh: Mesh
+) -> tuple[tuple[jax.Array, dict], Any]:
+    """((loss, metrics), grads) of the whole batch, computed ``steps`` micro-batches at a time.
+
+    For tasks that split their loss into ``embed`` + ``loss_from_embeddings`` (contrastive losses,
+    where every example is a negative for every other), the result is exactly the full-batch
+    gradient: a first pass embeds all micro-batches without gradients; then each micro-batch is
+    embedded again with gradients and the loss over all embeddings is differentiated through that
+    micro-batch only. Summing gives dL/dparams by the chain rule. Parameters the loss uses
+    directly (e.g. the temperature) get their direct gradient from one pass only.
+    For other tasks the gradients of the micro-batch losses are averaged.
+    """
+    micro = split_microbatches(batch, steps, mesh)
+    indices = jnp.arange(steps)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    if not task.splits_loss:
+
+        def plain_step(grads_sum: Any, inputs: tuple[Any, jax.Array]) -> tuple[Any, Any]:
+            microbatch, index = inputs
+            value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
+            (loss, metrics), grads = value_and_grad(
+                params, microbatch, jax.random.fold_in(rng, index)
+            )
+            return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
+
+        grads, (losses, metrics) = jax.lax.scan(plain_step, zeros, (micro, indices))
+        grads = jax.tree.map(lambda g: g / steps, grads)
+        return (losses.mean(), _tree_mean(metrics)), grads
+
+    micro_rng = lambda index: jax.random.fold_in(rng, index)
+    embeddings = jax.lax.map(
+        lambda inputs: task.embed(params, inputs[0], micro_rng(inputs[1])), (micro, indices)
+    )
+    embeddings = jax.lax.stop_gradient(embeddings)
+    merge = lambda tree: jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+    def split_step(grads_sum: Any, inputs: tuple[Any, jax.Array]) -> tuple[Any, Any]:
+        microbatch, index = inputs
+
+        def loss_through_microbatch(p: Any) -> tuple[jax.Array, dict]:
+            fresh = task.embed(p, microbatch, micro_rng(index))
+            stacked = jax.tree.map(
+                lambda old, new: jax.lax.dynamic_update_index_in_dim(old, new, index, 0),
+                embeddings,
+                fresh,
+            )
+            direct = jax.tree.map(lambda x: jnp.where(index == 0, x, jax.lax.stop_gradient(x)), p)
+            return task.loss_from_embeddings(direct, merge(stacked), rng)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_through_microbatch, has_aux=True)(params)
+        return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
+
+    grads, (losses, metrics) = jax.lax.scan(split_step, zeros, (micro, indices))
+    return (losses.mean(), _tree_mean(metrics)), grads
+
+
+def make_train_step(
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    *,
+    grad_accum_steps: int = 1,
+    ema_decay: float | None = None,
+) -> Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]:
+    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params = state["params"]
+        if grad_accum_steps > 1:
+            (loss, metrics), grads = accumulated_gradients(
+                task, params, batch, rng, grad_accum_steps, mesh
+            )
+        else:
+            (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+                params, batch, rng
+            )
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = task.project_params(optax.apply_updates(params, updates))
+        new_state = {
+            **state,
+            "step": state["step"] + 1,
+            "params": new_params,
+            "opt_state": opt_state,
+        }
+        if "ema_params" in state:
+            new_state["ema_params"] = optax.incremental_update(
+                new_params, state["ema_params"], step_size=1.0 - ema_decay
+            )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            # Also catches an update that overflowed although its loss and gradient were finite.
+            "param_norm": optax.global_norm(new_params),
+            "learning_rate": schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+# --------------------------------------------------------------------------------------------
+# Loop helpers
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag the loop checks once per step (then it saves and exits)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint before exiting")
+        self.requested = True
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def split_host_fields(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    device_batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_FIELDS}
+    host = {k: batch[k] for k in HOST_ONLY_FIELDS if k in batch}
+    return device_batch, host
+
+
+def check_finite(step_metrics: list[tuple[int, dict[str, float]]], last_saved: int | None) -> None:
+    for step, metrics in step_metrics:
+        for name in ("loss", "grad_norm", "param_norm"):
+            value = metrics.get(name)
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{name} is {value} at step {step}. Training stopped; the last checkpoint "
+                    f"(step {last_saved}) was written before this step and is intact. Lower the "
+                    "learning rate or check the data, then restart to resume from it."
+                )
+
+
+def summarize(step_metrics: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Mean of each metric over the steps since the last log line."""
+    names = step_metrics[-1][1].keys()
+    return {name: float(np.mean([m[name] for _, m in step_metrics])) for name in names}
+
+
+def maybe_initialize_distributed(config: ConfigDict) -> None:
+    """Start jax.distributed when launched on several hosts (before any other JAX call).
+
+    ``config.distributed`` = "auto" detects the usual launchers (SLURM with several tasks, a
+    coordinator address in the environment, multi-host TPU); "on" always, "off" never.
+    """
+    mode = config.get("distributed", "auto")
+    if mode == "off":
+        return
+    launched_multi = (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or "JAX_COORDINATOR_ADDRESS" in os.environ
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+        or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+    )
+    if mode == "on" or launched_multi:
+        jax.distributed.initialize()
+        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming from its last checkpoint); return final metrics."""
+    mesh = sharding.make_mesh(config.mesh)
+    task = build_task(config, mesh)
+    tx, schedule = make_optimizer(config)
+    grad_accum_steps = int(config.get("grad_accum_steps", 1))
+    local_batch_size = sharding.check_batch_size(config.batch_size, mesh, grad_accum_steps)
+    total_steps = int(config.total_steps)
+    use_ema = bool(config.get("ema_decay"))
+    rules = tuple(
+        tuple(rule)
+        for rule in config.get("sharding_rules", sharding.TRANSFORMER_MODEL_PARALLEL_RULES)
+    )
+
+    build_state = init_state(task, tx, int(config.seed), use_ema)
+    abstract_state = jax.eval_shape(build_state)
+    shardings_of_state = state_shardings(abstract_state, mesh, rules)
+    logging.info(
+        "mesh %s over %d devices (%d processes); %s parameters; global batch %d (%d per process)",
+        dict(mesh.shape),
+        mesh.size,
+        jax.process_count(),
+        f"{count_params(abstract_state['params']):,}",
+        config.batch_size,
+        local_batch_size,
+    )
+
+    dataset = task.train_dataset(
+        batch_size=local_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    data_iterator = iter(dataset)
+
+    ckpt_config = config.checkpoint
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=int(ckpt_config.keep),
+        best_metric=ckpt_config.get("best_metric") or None,
+        best_mode=ckpt_config.get("best_mode", "max"),
+        async_save=bool(ckpt_config.get("async_save", True)),
+    )
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        abstract_with_shardings = jax.tree.map(
+            lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
+            abstract_state,
+            shardings_of_state,
+        )
+        state = checkpointer.restore(resume_step, abstract_with_shardings, data_iterator)
+        logging.info("resumed from checkpoint at step %d", resume_step)
+    else:
+        state = jax.jit(build_state, out_shardings=shardings_of_state)()
+    writer = MetricWriter(workdir, resume_step=resume_step)
+
+    train_step = make_train_step(
+        task,
+        tx,
+        schedule,
+        mesh,
+        grad_accum_steps=grad_accum_steps,
+        ema_decay=float(config.ema_decay) if use_ema else None,
+    )
+    jitted_step = jax.jit(train_step, out_shardings=(shardings_of_state, None), donate_argnums=0)
+
+    start_step = int(jax.device_get(state["step"]))
+    log_every = int(config.log_every_steps)
+    eval_every = int(config.eval.every_steps) if config.get("eval") else 0
+    ckpt_every = int(ckpt_config.every_steps)
+    last_saved = resume_step
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    skipped_total = 0
+    final_metrics: dict[str, float] = {}
+    watcher = PreemptionWatcher()
+    interval_start, interval_steps = time.perf_counter(), 0
+    steps_timed, time_timed = 0, 0.0
+
+    def drain() -> list[tuple[int, dict[str, float]]]:
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending.clear()
+        check_finite(fetched, last_saved)
+        return fetched
+
+    def evaluate(step: int) -> dict[str, float]:
+        results = task.evaluate(state["params"], step)
+        if use_ema and config.eval.get("include_ema", True):
+            results.update(
+                {f"ema/{k}": v for k, v in task.evaluate(state["ema_params"], step).items()}
+            )
+        if results:
+            logging.info(
+                "eval step %d: %s",
+                step,
+                "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())),
+            )
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        return results
+
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            host_batch = next(data_iterator)
+            device_batch, host_fields = split_host_fields(host_batch)
+            skipped_total += int(np.sum(host_fields.get("skipped", 0)))
+            global_batch = sharding.global_batch_from_local(device_batch, mesh)
+            state, metrics = jitted_step(state, global_batch)
+            pending.append((step, metrics))
+            interval_steps += 1
+
+            is_last = step == total_steps
+            preempted = watcher.requested or checkpointer_reached_preemption(checkpointer, step)
+            if step % log_every == 0 or is_last or preempted:
+                fetched = drain()
+                now = time.perf_counter()
+                elapsed = now - interval_start
+                if step > start_step + interval_steps:  # the first interval includes compilation
+                    steps_timed += interval_steps
+                    time_timed += elapsed
+                summary = summarize(fetched)
+                steps_per_second = interval_steps / max(elapsed, 1e-9)
+                summary["examples_per_second"] = steps_per_second * config.batch_size
+                summary["steps_per_second"] = steps_per_second
+                summary["data/skipped_total"] = global_skipped(skipped_total)
+                mean_step_time = (
+                    time_timed / steps_timed if steps_timed else elapsed / interval_steps
+                )
+                eta = (total_steps - step) * mean_step_time
+                logging.info(
+                    "step %d/%d | loss %.4f | %.1f examples/s | %.2f steps/s | ETA %s",
+                    step,
+                    total_steps,
+                    summary["loss"],
+                    summary["examples_per_second"],
+                    steps_per_second,
+                    format_duration(eta),
+                )
+                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                final_metrics.update({f"train/{k}": v for k, v in summary.items()})
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            eval_results = None
+            if eval_every and (step % eval_every == 0 or is_last):
+                eval_results = evaluate(step)
+                final_metrics.update({f"eval/{k}": v for k, v in eval_results.items()})
+                interval_start = time.perf_counter()  # keep evaluation out of the throughput
+
+            # An evaluated step is saved too when a best checkpoint is tracked, so that the best
+            # evaluated parameters exist on disk.
+            tracks_best = bool(eval_results) and checkpointer.best_metric is not None
+            if step % ckpt_every == 0 or is_last or preempted or tracks_best:
+                drain()
+                checkpointer.save(step, state, data_iterator, metrics=eval_results)
+                last_saved = step
+                interval_start = time.perf_counter()
+
+            if preempted:
+                logging.warning("preempted: checkpoint at step %d written; exiting", step)
+                break
+    finally:
+        watcher.close()
+        checkpointer.close()
+        writer.close()
+    logging.info(
+        "training finished at step %d; checkpoints in %s",
+        int(jax.device_get(state["step"])),
+        checkpointer.directory,
+    )
+    return final_metrics
+
+
+def checkpointer_reached_preemption(checkpointer: Checkpointer, step: int) -> bool:
+    """Multi-host preemption notice from the JAX coordination service (False when single-host)."""
+    if jax.process_count() == 1:
+        return False
+    return checkpointer.reached_preemption(step)
+
+
+def global_skipped(local_count: int) -> float:
+    """Sum of the skipped-record counters of all processes."""
+    if jax.process_count() == 1:
+        return float(local_count)
+    from jax.experimental import multihost_utils
+
+    return float(np.sum(multihost_utils.process_allgather(np.asarray(local_count))))
+
+
+# --------------------------------------------------------------------------------------------
+# Using a trained workdir: evaluation and export
+
+
+def restore_trained(config: ConfigDict, workdir: str, step: str = "latest") -> tuple[Task, State]:
+    """The task and the train state of checkpoint ``step`` ("latest", "best" or a number)."""
+    mesh = sharding.make_mesh(config.mesh)
+    task = build_task(config, mesh)
+    tx, _ = make_optimizer(config)
+    rules = tuple(
+        tuple(rule)
+        for rule in config.get("sharding_rules", sharding.TRANSFORMER_MODEL_PARALLEL_RULES)
+    )
+    abstract = jax.eval_shape(init_state(task, tx, int(config.seed), bool(config.get("ema_decay"))))
+    shardings_of_state = state_shardings(abstract, mesh, rules)
+    abstract = jax.tree.map(
+        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
+        abstract,
+        shardings_of_state,
+    )
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        best_metric=config.checkpoint.get("best_metric") or None,
+        best_mode=config.checkpoint.get("best_mode", "max"),
+    )
+    try:
+        chosen = resolve_step(checkpointer, step)
+        logging.info("restoring checkpoint %d from %s", chosen, checkpointer.directory)
+        return task, checkpointer.restore(chosen, abstract)
+    finally:
+        checkpointer.close()
+
+
+def resolve_step(checkpointer: Checkpointer, step: str) -> int:
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    if step == "latest":
+        return max(steps)
+    if step == "best":
+        best = checkpointer.best_step()
+        if best is None:
+            raise ValueError("no checkpoint has the best-metric value (set checkpoint.best_metric)")
+        return best
+    if not step.isdigit() or int(step) not in steps:
+        raise ValueError(f"checkpoint step {step!r} not found; available: {sorted(steps)}")
+    return int(step)
+
+
+def evaluate_checkpoint(
+    config: ConfigDict, workdir: str, step: str = "latest", use_ema: bool = False
+) -> dict[str, float]:
+    """Run the task's evaluators on a saved checkpoint (standalone evaluation)."""
+    task, state = restore_trained(config, workdir, step)
+    key = "ema_params" if use_ema else "params"
+    if key not in state:
+        raise ValueError(f"the checkpoint has no {key} (ema_decay was off)")
+    results = task.evaluate(state[key], int(jax.device_get(state["step"])))
+    for name, value in sorted(results.items()):
+        logging.info("%s: %.4f", name, value)
+    return results
+
+
+def export_checkpoint(
+    config: ConfigDict,
+    workdir: str,
+    directory: str,
+    step: str = "latest",
+    use_ema: bool = False,
+) -> str | None:
+    """Write a checkpoint's parameters in the task's PyTorch format (process 0 writes)."""
+    task, state = restore_trained(config, workdir, step)
+    key = "ema_params" if use_ema else "params"
+    if key not in state:
+        raise ValueError(f"the checkpoint has no {key} (ema_decay was off)")
+    # Gather shards from every device (and host) into full arrays before leaving JAX.
+    replicated = sharding.replicated(task.mesh)
+    params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated)(state[key]))
+    if jax.process_index() != 0:
+        return None
+    path = task.export(params, directory)
+    logging.info("exported %s of step %d to %s", key, int(jax.device_get(state["step"])), path)
+    return path

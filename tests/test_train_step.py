@@ -1,0 +1,205 @@
+"""The sharded train step: data/fsdp/model parallel on 8 fake devices == one device; exact
+gradient accumulation; partition rules."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from pretrain import sharding, trainer
+from pretrain.optim import make_optimizer
+from pretrain.tasks.clip import Task
+
+_spec = importlib.util.spec_from_file_location(
+    "tiny_clip", Path(__file__).parent / "configs" / "tiny_clip.py"
+)
+tiny_clip = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_clip)
+
+BATCH = 16
+
+
+def tiny_config(**overrides):
+    config = tiny_clip.get_config()
+    config.ema_decay = 0.99  # exercise the EMA path too
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    size, length = config.data.image_size, config.model.text.context_length
+    images = rng.integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)
+    tokens = rng.integers(1, 49_000, (BATCH, length), dtype=np.int32)
+    tokens[:, 0] = 49_406
+    ends = rng.integers(2, length, BATCH)
+    for row, end in enumerate(ends):
+        tokens[row, end] = 49_407
+        tokens[row, end + 1 :] = 0
+    return {"image": images, "text": tokens}
+
+
+def run_one_step(config, mesh, batch):
+    task = Task(config, mesh)
+    tx, schedule = make_optimizer(config)
+    build = trainer.init_state(task, tx, seed=0, use_ema=True)
+    shardings = sharding.tree_shardings(jax.eval_shape(build), mesh)
+    state = jax.jit(build, out_shardings=shardings)()
+    step = jax.jit(
+        trainer.make_train_step(
+            task,
+            tx,
+            schedule,
+            mesh,
+            grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay,
+        ),
+        out_shardings=(shardings, None),
+    )
+    # Two steps, so that the second one uses non-zero Adam moments and learning rate.
+    for _ in range(2):
+        state, metrics = step(state, sharding.global_batch_from_local(batch, mesh))
+    return jax.device_get(state), jax.device_get(metrics), shardings
+
+
+def assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), actual, expected
+    )
+
+
+def without_key_biases(params):
+    """Drop attention key biases: their true gradient is exactly zero (a shift of every key by the
+    same vector adds a constant to each query's logits, which softmax ignores), so what remains is
+    float noise that Adam scales up to a full step in a random direction."""
+    return {
+        sharding.path_to_name(path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if not sharding.path_to_name(path).endswith("attn/key/bias")
+    }
+
+
+def gradients(config, mesh, batch):
+    task = Task(config, mesh)
+    params = jax.jit(
+        task.init_params,
+        out_shardings=sharding.tree_shardings(
+            jax.eval_shape(task.init_params, jax.random.key(0)), mesh
+        ),
+    )(jax.random.key(0))
+    global_batch = sharding.global_batch_from_local(batch, mesh)
+    grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(1))[0]))
+    return jax.device_get(grad_fn(params, global_batch))
+
+
+@pytest.mark.parametrize("loss", ["clip", "sigmoid_ring"])
+def test_sharded_step_equals_single_device_step(loss):
+    config = tiny_config(**{"loss.name": loss})
+    batch = random_batch(config)
+    single = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    parallel = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    state_1, metrics_1, _ = run_one_step(config, single, batch)
+    state_8, metrics_8, shardings = run_one_step(config, parallel, batch)
+
+    # The 8-device run really is sharded three ways.
+    specs = {
+        sharding.path_to_name(path): s.spec
+        for path, s in jax.tree_util.tree_flatten_with_path(shardings["params"])[0]
+    }
+    # (64, 4, 16) is below the fsdp size threshold: heads split over "model" only.
+    query = specs["image_encoder/transformer/resblocks_0/attn/query/kernel"]
+    assert query == PartitionSpec(None, "model", None)
+    assert specs["image_encoder/transformer/resblocks_0/mlp/c_fc/kernel"] == PartitionSpec(
+        "fsdp", "model"
+    )
+
+    # Gradients agree tightly, each tensor relative to its own scale...
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+        without_key_biases(gradients(config, parallel, batch)),
+        without_key_biases(gradients(config, single, batch)),
+    )
+    # ...and so do two full AdamW steps. Adam divides each gradient by its own RMS, so where a
+    # gradient is tiny float reordering moves a parameter by a small fraction of the learning rate
+    # (2e-3 here); a sharding mistake would move whole steps.
+    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    for key in ("params", "ema_params"):
+        assert_trees_close(
+            without_key_biases(state_8[key]), without_key_biases(state_1[key]), atol=4e-5
+        )
+    assert int(state_8["step"]) == 2
+
+
+def test_gradient_accumulation_is_exact_for_contrastive_loss():
+    """4 micro-batches give the same update as the whole batch: every example stays a negative."""
+    batch = random_batch(tiny_config())
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+    whole, metrics_whole, _ = run_one_step(tiny_config(), mesh, batch)
+    accumulated, metrics_acc, _ = run_one_step(tiny_config(grad_accum_steps=4), mesh, batch)
+    np.testing.assert_allclose(metrics_acc["loss"], metrics_whole["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_acc["grad_norm"], metrics_whole["grad_norm"], rtol=1e-4)
+    assert_trees_close(
+        without_key_biases(accumulated["params"]), without_key_biases(whole["params"]), atol=4e-5
+    )
+
+
+class NonSplittingTask(Task):
+    """The CLIP task seen as an ordinary task: accumulation averages micro-batch gradients."""
+
+    @property
+    def splits_loss(self):
+        return False
+
+
+def test_plain_gradient_accumulation_averages_microbatch_gradients():
+    config = tiny_config(grad_accum_steps=2)
+    mesh = sharding.make_mesh({"data": 8})
+    task = NonSplittingTask(config, mesh)
+    params = jax.jit(task.init_params)(jax.random.key(0))
+    batch = sharding.global_batch_from_local(random_batch(config), mesh)
+    rng = jax.random.key(1)
+    (_, _), grads = jax.jit(lambda p, b: trainer.accumulated_gradients(task, p, b, rng, 2, mesh))(
+        params, batch
+    )
+    host_batch = jax.device_get(batch)
+    expected = None
+    for index in range(2):  # micro-batch i holds rows i, i + 2, i + 4, ...
+        micro = sharding.global_batch_from_local(
+            {k: v[index::2] for k, v in host_batch.items()}, mesh
+        )
+        g = jax.grad(lambda p, m: task.loss_fn(p, m, rng)[0])(params, micro)
+        expected = g if expected is None else jax.tree.map(np.add, expected, g)
+    expected = jax.tree.map(lambda g: np.asarray(g) / 2, expected)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max()),
+        without_key_biases(jax.device_get(grads)),
+        without_key_biases(expected),
+    )
+
+
+def test_partition_rules_fall_back_when_dimensions_do_not_divide():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    # 3 heads cannot be split over 2 model shards: replicated on "model", fsdp on the width.
+    spec = sharding.partition_spec("x/attn/query/kernel", (192, 3, 64), mesh)
+    assert spec == PartitionSpec("fsdp", None, None)
+    # Small parameters are not worth sharding.
+    assert sharding.partition_spec("x/ln_1/scale", (192,), mesh) == PartitionSpec(None)
+    # fsdp goes on the largest divisible dimension not used by "model".
+    spec = sharding.partition_spec("x/mlp/c_proj/kernel", (1024, 256), mesh)
+    assert spec == PartitionSpec("model", "fsdp")
+
+
+def test_mesh_shape_resolution_and_errors():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2, 1)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.mesh_shape({"tensor": 2}, 8)
+    with pytest.raises(ValueError, match="cannot be split"):
+        sharding.mesh_shape({"data": -1, "model": 3}, 8)

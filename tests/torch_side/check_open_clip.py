@@ -1,0 +1,122 @@
+"""Torch-side half of the open_clip export parity tests (runs in .venv-torch, never imports JAX).
+
+Two commands, each reading ``inputs.npz`` (``images`` NHWC float32, ``tokens`` int) from a case
+directory and writing ``torch_outputs.npz`` (normalised ``image_embeds``, ``text_embeds``,
+``logit_scale`` (the log), ``logit_bias`` if any) and ``report.json`` next to it:
+
+``load-export CASE_DIR [NAME]``
+    Builds the model the way a user would, ``open_clip.create_model("local-dir:CASE_DIR/export")``
+    (which loads the weights with strict=True), then loads the exported safetensors again with a
+    plain ``model.load_state_dict(..., strict=True)``, and reports the model's own key set, shapes
+    and parameter count for the test to compare. With ``NAME``, also checks the registry path
+    ``add_model_config(NAME.json)`` + ``create_model(NAME, pretrained=weights)``.
+
+``make-reference CASE_DIR MODEL``
+    Creates an open_clip model from a built-in name (e.g. ``ViT-B-16``) or a config JSON path,
+    with random weights (LayerNorm and biases perturbed too, not left at 1 and 0), and writes
+    ``CASE_DIR/reference/{open_clip_config.json, open_clip_model.safetensors}`` for the JAX side
+    to import.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def _embed(model: torch.nn.Module, case_dir: Path) -> dict[str, np.ndarray]:
+    inputs = np.load(case_dir / "inputs.npz")
+    images = torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    tokens = torch.from_numpy(inputs["tokens"]).long()
+    model.eval()
+    with torch.no_grad():
+        outputs = {
+            "image_embeds": model.encode_image(images, normalize=True).numpy(),
+            "text_embeds": model.encode_text(tokens, normalize=True).numpy(),
+            "logit_scale": model.logit_scale.detach().numpy(),
+        }
+        if getattr(model, "logit_bias", None) is not None:
+            outputs["logit_bias"] = model.logit_bias.detach().numpy()
+    return outputs
+
+
+def _write_results(case_dir: Path, outputs: dict[str, np.ndarray], report: dict) -> None:
+    np.savez(case_dir / "torch_outputs.npz", **outputs)
+    (case_dir / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def load_export(case_dir: Path, name: str | None) -> None:
+    export_dir = case_dir / "export"
+    model = open_clip.create_model(f"local-dir:{export_dir}")
+    exported = load_file(str(export_dir / "open_clip_model.safetensors"))
+    model_state = model.state_dict()
+    # strict=True raises on any missing or unexpected key and on any shape mismatch.
+    model.load_state_dict(exported, strict=True)
+    report = {
+        "model_class": type(model).__name__,
+        "model_keys": sorted(model_state),
+        "model_shapes": {key: list(value.shape) for key, value in model_state.items()},
+        "exported_keys": sorted(exported),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer_class": type(open_clip.get_tokenizer(f"local-dir:{export_dir}")).__name__,
+    }
+    if name is not None:
+        open_clip.add_model_config(export_dir / f"{name}.json")
+        named = open_clip.create_model(
+            name, pretrained=str(export_dir / "open_clip_model.safetensors")
+        )
+        report["named_model_matches"] = all(
+            torch.equal(value, named.state_dict()[key]) for key, value in model.state_dict().items()
+        )
+    _write_results(case_dir, _embed(model, case_dir), report)
+
+
+def _perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Random values everywhere: LayerNorm scales near 1, biases and weights around their init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            spread = float(parameter.std()) if parameter.numel() > 1 else 0.0
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.add_(noise * (0.1 * spread if spread > 0 else 0.05))
+
+
+def make_reference(case_dir: Path, model_spec: str) -> None:
+    torch.manual_seed(0)
+    if model_spec.endswith(".json"):
+        model_config = json.loads(Path(model_spec).read_text())
+        model = open_clip.model.CLIP(**model_config)
+    else:
+        model_config = open_clip.get_model_config(model_spec)
+        model = open_clip.create_model(model_spec)
+    _perturb_(model, seed=1)
+    reference_dir = case_dir / "reference"
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(reference_dir / "open_clip_model.safetensors"))
+    (reference_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config}))
+    report = {"num_keys": len(state), "num_parameters": sum(p.numel() for p in model.parameters())}
+    _write_results(case_dir, _embed(model, case_dir), report)
+
+
+def main(argv: list[str]) -> None:
+    command, case_dir, *rest = argv
+    if command == "load-export":
+        load_export(Path(case_dir), rest[0] if rest else None)
+    elif command == "make-reference":
+        make_reference(Path(case_dir), rest[0])
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
