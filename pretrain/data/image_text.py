@@ -76,8 +76,10 @@ def _field(record: Mapping[str, Any], path: str) -> Any:
 class TfdsRecords:
     """A TFDS data source seen with the field names the image-text pipeline reads.
 
-    ``caption_field`` empty: "captions" or "caption" when the data set has one, else the name of
-    the record's class (so classification sets serve zero-shot evaluation and label-as-text).
+    ``caption_field``: a feature path ("captions", "captions/text"...); empty picks "captions" or
+    "caption" when the data set has one; "label" (or no caption feature at all) uses the class
+    name of the record's label, so classification sets serve zero-shot evaluation and
+    label-as-caption training.
     """
 
     def __init__(
@@ -90,16 +92,17 @@ class TfdsRecords:
         label_field: str = "label",
     ):
         top_level = set(features.keys())
-        if image_field.split("/")[0] not in top_level:
-            raise ValueError(f"image_field {image_field!r} is not a feature of {sorted(top_level)}")
+        for name, path in (("image_field", image_field), ("caption_field", caption_field)):
+            if path and path != "label" and path.split("/")[0] not in top_level:
+                raise ValueError(f"{name} {path!r} is not a feature of {sorted(top_level)}")
         if not caption_field:
-            caption_field = next((f for f in ("captions", "caption") if f in top_level), "")
+            caption_field = next((f for f in ("captions", "caption") if f in top_level), "label")
         self._source = source
         self._image_field = image_field
         self._caption_field = caption_field
         self._label_field = label_field if label_field in top_level else ""
-        self._label_names = None
-        if not caption_field:
+        self._label_names: list[str] | None = None
+        if caption_field == "label":
             if not self._label_field:
                 raise ValueError(f"no caption or label feature in {sorted(top_level)}")
             self._label_names = [n.replace("_", " ") for n in features[label_field].names]

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run a recipe on every host of a Cloud TPU VM pod slice (multi-host: jax.distributed starts by
+# itself on TPU VMs). The repository must already be on every worker (e.g. `git clone` via the
+# same ssh command) and the workdir on shared storage (a gs:// bucket).
+#
+#   launch/tpu_pod.sh TPU_NAME ZONE configs/clip_vitb16.py gs://bucket/runs/clip_b16 [--config.x=y ...]
+set -euo pipefail
+if (( $# < 4 )); then
+  sed -n '2,7p' "$0"
+  exit 2
+fi
+tpu=$1 zone=$2 config=$3 workdir=$4
+shift 4
+repo_dir=${REPO_DIR:-$(basename "$(git rev-parse --show-toplevel)")}
+remote="cd ${repo_dir} && EXTRAS=tpu bash launch/setup.sh && \
+  .venv/bin/python -m pretrain.main --config=${config} --workdir=${workdir} --config.distributed=on $*"
+gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$remote"
