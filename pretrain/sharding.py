@@ -37,7 +37,6 @@ TRANSFORMER_MODEL_PARALLEL_RULES: tuple[tuple[str, tuple[str | None, ...]], ...]
     (r"mlp/c_fc/kernel$", (None, "model")),
     (r"mlp/c_fc/bias$", ("model",)),
     (r"mlp/c_proj/kernel$", ("model", None)),
-    (r"token_embedding/embedding$", ("model", None)),
 )
 
 # Parameters smaller than this stay replicated over fsdp: sharding them saves no memory worth the

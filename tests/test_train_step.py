@@ -1,23 +1,16 @@
 """The sharded train step: data/fsdp/model parallel on 8 fake devices == one device; exact
 gradient accumulation; partition rules."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
+import tiny_clip_config as tiny_clip
 from jax.sharding import PartitionSpec
+from tree_compare import assert_close_at_scale, without_key_biases
 
 from pretrain import sharding, trainer
 from pretrain.optim import make_optimizer
 from pretrain.tasks.clip import Task
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_clip", Path(__file__).parent / "configs" / "tiny_clip.py"
-)
-tiny_clip = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_clip)
 
 BATCH = 16
 
@@ -76,17 +69,6 @@ def assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6):
     )
 
 
-def without_key_biases(params):
-    """Drop attention key biases: their true gradient is exactly zero (a shift of every key by the
-    same vector adds a constant to each query's logits, which softmax ignores), so what remains is
-    float noise that Adam scales up to a full step in a random direction."""
-    return {
-        sharding.path_to_name(path): leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        if not sharding.path_to_name(path).endswith("attn/key/bias")
-    }
-
-
 def gradients(config, mesh, batch):
     task = Task(config, mesh)
     params = jax.jit(
@@ -122,8 +104,7 @@ def test_sharded_step_equals_single_device_step(loss):
     )
 
     # Gradients agree tightly, each tensor relative to its own scale...
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+    assert_close_at_scale(
         without_key_biases(gradients(config, parallel, batch)),
         without_key_biases(gradients(config, single, batch)),
     )
@@ -178,10 +159,8 @@ def test_plain_gradient_accumulation_averages_microbatch_gradients():
         g = jax.grad(lambda p, m: task.loss_fn(p, m, rng)[0])(params, micro)
         expected = g if expected is None else jax.tree.map(np.add, expected, g)
     expected = jax.tree.map(lambda g: np.asarray(g) / 2, expected)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max()),
-        without_key_biases(jax.device_get(grads)),
-        without_key_biases(expected),
+    assert_close_at_scale(
+        without_key_biases(jax.device_get(grads)), without_key_biases(expected), rtol=1e-3
     )
 
 

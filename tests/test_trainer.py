@@ -1,7 +1,6 @@
 """The train loop: end to end on the tiny config, kill -9 and resume, SIGTERM, NaN, bad data."""
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tiny_clip_config as tiny_clip
 from PIL import Image
 
 from pretrain import sharding, trainer
@@ -22,11 +22,7 @@ from pretrain.data.webdataset import write_shards
 from pretrain.tasks.clip import Task as ClipTask
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "tests" / "configs" / "tiny_clip.py"
-
-_spec = importlib.util.spec_from_file_location("tiny_clip", TINY_CONFIG)
-tiny_clip = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_clip)
+TINY_CONFIG = REPO / "tests" / "tiny_clip_config.py"
 
 
 def read_metrics(workdir: Path) -> dict[str, dict[int, float]]:
