@@ -9,6 +9,7 @@ checkpoint on disk is always a good one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -32,8 +33,6 @@ from pretrain.optim import make_optimizer
 from pretrain.tasks.base import Task, build_task
 
 State = dict[str, Any]
-# Batch fields produced by the data pipeline for the host's bookkeeping, never sent to devices.
-HOST_ONLY_FIELDS = ("skipped",)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -224,10 +223,12 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def split_host_fields(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    device_batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_FIELDS}
-    host = {k: batch[k] for k in HOST_ONLY_FIELDS if k in batch}
-    return device_batch, host
+def device_fields(batch: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The fields of a host batch that the task's loss reads (an absent one is a clear error)."""
+    missing = [name for name in fields if name not in batch]
+    if missing:
+        raise KeyError(f"the data has no {missing} for the task; it has {sorted(batch)}")
+    return {name: batch[name] for name in fields}
 
 
 def check_finite(step_metrics: list[tuple[int, dict[str, float]]], last_saved: int | None) -> None:
@@ -272,6 +273,86 @@ def maybe_initialize_distributed(config: ConfigDict) -> None:
 # The loop
 
 
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """How a task's train state is built and laid out over the mesh."""
+
+    build: Callable[[], State]
+    abstract: State
+    shardings: State
+
+    @classmethod
+    def create(
+        cls, config: ConfigDict, task: Task, tx: optax.GradientTransformation
+    ) -> StateLayout:
+        rules = tuple(
+            tuple(rule)
+            for rule in config.get("sharding_rules", sharding.TRANSFORMER_MODEL_PARALLEL_RULES)
+        )
+        build = init_state(task, tx, int(config.seed), bool(config.get("ema_decay")))
+        abstract = jax.eval_shape(build)
+        return cls(build, abstract, state_shardings(abstract, task.mesh, rules))
+
+    def abstract_with_shardings(self) -> State:
+        """What orbax restores into: shapes, dtypes and the target shardings."""
+        return jax.tree.map(
+            lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
+            self.abstract,
+            self.shardings,
+        )
+
+    def initialize(self) -> State:
+        """A fresh state, every array created directly in its shards."""
+        return jax.jit(self.build, out_shardings=self.shardings)()
+
+
+class ProgressMeter:
+    """Steps per second and ETA from train-step time only (compilation, evaluation and
+    checkpoint saves are excluded)."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self._interval_start = time.perf_counter()
+        self._interval_steps = 0
+        self._excluded = 0.0
+        self._timed_steps = 0
+        self._timed_seconds = 0.0
+        self._first_interval = True
+
+    def step(self) -> None:
+        self._interval_steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
+
+    def end_interval(self, step: int) -> dict[str, float]:
+        """Close the interval since the last call: its rate, and the ETA of the whole run."""
+        seconds = max(time.perf_counter() - self._interval_start - self._excluded, 1e-9)
+        steps = max(self._interval_steps, 1)
+        if not self._first_interval:  # the first interval includes compilation
+            self._timed_steps += steps
+            self._timed_seconds += seconds
+        self._first_interval = False
+        mean = self._timed_seconds / self._timed_steps if self._timed_steps else seconds / steps
+        self._interval_start, self._interval_steps, self._excluded = time.perf_counter(), 0, 0.0
+        return {
+            "steps_per_second": steps / seconds,
+            "eta_seconds": (self.total_steps - step) * mean,
+        }
+
+
+def log_progress(step: int, total_steps: int, summary: dict[str, float], eta: float) -> None:
+    logging.info(
+        "step %d/%d | loss %.4f | %.1f examples/s | %.2f steps/s | ETA %s",
+        step,
+        total_steps,
+        summary["loss"],
+        summary["examples_per_second"],
+        summary["steps_per_second"],
+        format_duration(eta),
+    )
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming from its last checkpoint); return final metrics."""
     mesh = sharding.make_mesh(config.mesh)
@@ -281,50 +362,31 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     local_batch_size = sharding.check_batch_size(config.batch_size, mesh, grad_accum_steps)
     total_steps = int(config.total_steps)
     use_ema = bool(config.get("ema_decay"))
-    rules = tuple(
-        tuple(rule)
-        for rule in config.get("sharding_rules", sharding.TRANSFORMER_MODEL_PARALLEL_RULES)
-    )
-
-    build_state = init_state(task, tx, int(config.seed), use_ema)
-    abstract_state = jax.eval_shape(build_state)
-    shardings_of_state = state_shardings(abstract_state, mesh, rules)
+    layout = StateLayout.create(config, task, tx)
     logging.info(
         "mesh %s over %d devices (%d processes); %s parameters; global batch %d (%d per process)",
         dict(mesh.shape),
         mesh.size,
         jax.process_count(),
-        f"{count_params(abstract_state['params']):,}",
+        f"{count_params(layout.abstract['params']):,}",
         config.batch_size,
         local_batch_size,
     )
 
-    dataset = task.train_dataset(
-        batch_size=local_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    data_iterator = iter(
+        task.train_dataset(
+            batch_size=local_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     )
-    data_iterator = iter(dataset)
-
-    ckpt_config = config.checkpoint
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=int(ckpt_config.keep),
-        best_metric=ckpt_config.get("best_metric") or None,
-        best_mode=ckpt_config.get("best_mode", "max"),
-        async_save=bool(ckpt_config.get("async_save", True)),
-    )
+    checkpointer = make_checkpointer(config, workdir)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
-        abstract_with_shardings = jax.tree.map(
-            lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
-            abstract_state,
-            shardings_of_state,
-        )
-        state = checkpointer.restore(resume_step, abstract_with_shardings, data_iterator)
+        state = checkpointer.restore(resume_step, layout.abstract_with_shardings(), data_iterator)
         logging.info("resumed from checkpoint at step %d", resume_step)
     else:
-        state = jax.jit(build_state, out_shardings=shardings_of_state)()
+        state = layout.initialize()
     writer = MetricWriter(workdir, resume_step=resume_step)
 
     train_step = make_train_step(
@@ -335,21 +397,21 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         grad_accum_steps=grad_accum_steps,
         ema_decay=float(config.ema_decay) if use_ema else None,
     )
-    jitted_step = jax.jit(train_step, out_shardings=(shardings_of_state, None), donate_argnums=0)
+    jitted_step = jax.jit(train_step, out_shardings=(layout.shardings, None), donate_argnums=0)
 
     start_step = int(jax.device_get(state["step"]))
     log_every = int(config.log_every_steps)
     eval_every = int(config.eval.every_steps) if config.get("eval") else 0
-    ckpt_every = int(ckpt_config.every_steps)
+    ckpt_every = int(config.checkpoint.every_steps)
     last_saved = resume_step
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     skipped_total = 0
     final_metrics: dict[str, float] = {}
     watcher = PreemptionWatcher()
-    interval_start, interval_steps = time.perf_counter(), 0
-    steps_timed, time_timed = 0, 0.0
+    meter = ProgressMeter(total_steps)
 
     def drain() -> list[tuple[int, dict[str, float]]]:
+        """Fetch the metrics of the steps run since the last call; stop on a non-finite one."""
         fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
         pending.clear()
         check_finite(fetched, last_saved)
@@ -358,65 +420,42 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     def evaluate(step: int) -> dict[str, float]:
         results = task.evaluate(state["params"], step)
         if use_ema and config.eval.get("include_ema", True):
-            results.update(
-                {f"ema/{k}": v for k, v in task.evaluate(state["ema_params"], step).items()}
-            )
+            ema_results = task.evaluate(state["ema_params"], step)
+            results.update({f"ema/{k}": v for k, v in ema_results.items()})
         if results:
-            logging.info(
-                "eval step %d: %s",
-                step,
-                "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())),
-            )
+            listing = "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items()))
+            logging.info("eval step %d: %s", step, listing)
             writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
         return results
 
     try:
         for step in range(start_step + 1, total_steps + 1):
             host_batch = next(data_iterator)
-            device_batch, host_fields = split_host_fields(host_batch)
-            skipped_total += int(np.sum(host_fields.get("skipped", 0)))
-            global_batch = sharding.global_batch_from_local(device_batch, mesh)
+            skipped_total += int(host_batch.get("skipped", 0))
+            global_batch = sharding.global_batch_from_local(
+                device_fields(host_batch, task.batch_fields), mesh
+            )
             state, metrics = jitted_step(state, global_batch)
             pending.append((step, metrics))
-            interval_steps += 1
+            meter.step()
 
             is_last = step == total_steps
             preempted = watcher.requested or checkpointer_reached_preemption(checkpointer, step)
             if step % log_every == 0 or is_last or preempted:
-                fetched = drain()
-                now = time.perf_counter()
-                elapsed = now - interval_start
-                if step > start_step + interval_steps:  # the first interval includes compilation
-                    steps_timed += interval_steps
-                    time_timed += elapsed
-                summary = summarize(fetched)
-                steps_per_second = interval_steps / max(elapsed, 1e-9)
-                summary["examples_per_second"] = steps_per_second * config.batch_size
-                summary["steps_per_second"] = steps_per_second
+                summary = summarize(drain())
+                rates = meter.end_interval(step)
+                summary["steps_per_second"] = rates["steps_per_second"]
+                summary["examples_per_second"] = rates["steps_per_second"] * config.batch_size
                 summary["data/skipped_total"] = global_skipped(skipped_total)
-                mean_step_time = (
-                    time_timed / steps_timed if steps_timed else elapsed / interval_steps
-                )
-                eta = (total_steps - step) * mean_step_time
-                logging.info(
-                    "step %d/%d | loss %.4f | %.1f examples/s | %.2f steps/s | ETA %s",
-                    step,
-                    total_steps,
-                    summary["loss"],
-                    summary["examples_per_second"],
-                    steps_per_second,
-                    format_duration(eta),
-                )
+                log_progress(step, total_steps, summary, rates["eta_seconds"])
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
                 final_metrics.update({f"train/{k}": v for k, v in summary.items()})
-                interval_start, interval_steps = time.perf_counter(), 0
 
+            paused_at = time.perf_counter()
             eval_results = None
             if eval_every and (step % eval_every == 0 or is_last):
                 eval_results = evaluate(step)
                 final_metrics.update({f"eval/{k}": v for k, v in eval_results.items()})
-                interval_start = time.perf_counter()  # keep evaluation out of the throughput
-
             # An evaluated step is saved too when a best checkpoint is tracked, so that the best
             # evaluated parameters exist on disk.
             tracks_best = bool(eval_results) and checkpointer.best_metric is not None
@@ -424,7 +463,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                 drain()
                 checkpointer.save(step, state, data_iterator, metrics=eval_results)
                 last_saved = step
-                interval_start = time.perf_counter()
+            meter.exclude(time.perf_counter() - paused_at)
 
             if preempted:
                 logging.warning("preempted: checkpoint at step %d written; exiting", step)
@@ -439,6 +478,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         checkpointer.directory,
     )
     return final_metrics
+
+
+def make_checkpointer(config: ConfigDict, workdir: str) -> Checkpointer:
+    ckpt = config.checkpoint
+    return Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=int(ckpt.get("keep", 3)),
+        best_metric=ckpt.get("best_metric") or None,
+        best_mode=ckpt.get("best_mode", "max"),
+        async_save=bool(ckpt.get("async_save", True)),
+    )
 
 
 def checkpointer_reached_preemption(checkpointer: Checkpointer, step: int) -> bool:
@@ -463,29 +513,14 @@ def global_skipped(local_count: int) -> float:
 
 def restore_trained(config: ConfigDict, workdir: str, step: str = "latest") -> tuple[Task, State]:
     """The task and the train state of checkpoint ``step`` ("latest", "best" or a number)."""
-    mesh = sharding.make_mesh(config.mesh)
-    task = build_task(config, mesh)
+    task = build_task(config, sharding.make_mesh(config.mesh))
     tx, _ = make_optimizer(config)
-    rules = tuple(
-        tuple(rule)
-        for rule in config.get("sharding_rules", sharding.TRANSFORMER_MODEL_PARALLEL_RULES)
-    )
-    abstract = jax.eval_shape(init_state(task, tx, int(config.seed), bool(config.get("ema_decay"))))
-    shardings_of_state = state_shardings(abstract, mesh, rules)
-    abstract = jax.tree.map(
-        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s),
-        abstract,
-        shardings_of_state,
-    )
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        best_metric=config.checkpoint.get("best_metric") or None,
-        best_mode=config.checkpoint.get("best_mode", "max"),
-    )
+    layout = StateLayout.create(config, task, tx)
+    checkpointer = make_checkpointer(config, workdir)
     try:
         chosen = resolve_step(checkpointer, step)
         logging.info("restoring checkpoint %d from %s", chosen, checkpointer.directory)
-        return task, checkpointer.restore(chosen, abstract)
+        return task, checkpointer.restore(chosen, layout.abstract_with_shardings())
     finally:
         checkpointer.close()
 

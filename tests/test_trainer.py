@@ -34,20 +34,8 @@ def read_metrics(workdir: Path) -> dict[str, dict[int, float]]:
 
 
 def restore_params(workdir: Path, step: int):
-    config = tiny_clip.get_config()
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    task = ClipTask(config, mesh)
-    tx, _ = trainer.make_optimizer(config)
-    abstract = jax.eval_shape(trainer.init_state(task, tx, 0, bool(config.ema_decay)))
-    replicated = sharding.replicated(mesh)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    try:
-        return jax.device_get(checkpointer.restore(step, abstract)["params"])
-    finally:
-        checkpointer.close()
+    _, state = trainer.restore_trained(tiny_clip.get_config(), str(workdir), str(step))
+    return jax.device_get(state["params"])
 
 
 def launch(workdir: Path, *overrides: str) -> subprocess.Popen:
@@ -165,6 +153,7 @@ class PoisonedClipTask(ClipTask):
     """CLIP whose loss turns NaN from a given batch on (the data carries the poison)."""
 
     POISON_FROM_BATCH = 7
+    batch_fields = (*ClipTask.batch_fields, "poison")
 
     def train_dataset(self, **kwargs):
         return PoisonedStream(super().train_dataset(**kwargs), self.POISON_FROM_BATCH)

@@ -24,6 +24,9 @@ Metrics = dict[str, jax.Array]
 class Task(abc.ABC):
     """Base class of the per-method task files in pretrain/tasks/."""
 
+    # The batch fields the loss reads; only these are sent to the devices.
+    batch_fields: tuple[str, ...] = ()
+
     def __init__(self, config: ConfigDict, mesh: Mesh):
         self.config = config
         self.mesh = mesh
@@ -41,7 +44,7 @@ class Task(abc.ABC):
         """A checkpointable grain IterDataset of this process's host batches (NumPy dicts).
 
         A batch may carry ``skipped`` (records dropped as corrupt since the previous batch); the
-        trainer counts it and does not send it to the devices.
+        trainer counts it. Only the ``batch_fields`` go to the devices.
         """
 
     def evaluate(self, params: Params, step: int) -> dict[str, float]:

@@ -54,6 +54,8 @@ def build_two_tower(model_config: ConfigDict, loss_name: str) -> TwoTowerModel:
 
 
 class Task(base.Task):
+    batch_fields = ("image", "text")
+
     def __init__(self, config: ConfigDict, mesh: Mesh):
         super().__init__(config, mesh)
         if config.loss.name not in LOSSES:
