@@ -98,7 +98,7 @@ def _tree_mean(trees: Any) -> Any:
 
 
 def accumulated_gradients(
-    task: Task, params: Any, batch: Any, rng: jax.Array, steps: int, mesh: Mesh
+    task: Task, params: Any, batch: Any, rng: jax.Array, step: jax.Array, steps: int, mesh: Mesh
 ) -> tuple[tuple[jax.Array, dict], Any]:
     """((loss, metrics), grads) of the whole batch, computed ``steps`` micro-batches at a time.
 
@@ -120,7 +120,7 @@ def accumulated_gradients(
             microbatch, index = inputs
             value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
             (loss, metrics), grads = value_and_grad(
-                params, microbatch, jax.random.fold_in(rng, index)
+                params, microbatch, jax.random.fold_in(rng, index), step
             )
             return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
 
@@ -146,7 +146,7 @@ def accumulated_gradients(
                 fresh,
             )
             direct = jax.tree.map(lambda x: jnp.where(index == 0, x, jax.lax.stop_gradient(x)), p)
-            return task.loss_from_embeddings(direct, merge(stacked), rng)
+            return task.loss_from_embeddings(direct, merge(stacked), rng, step)
 
         (loss, metrics), grads = jax.value_and_grad(loss_through_microbatch, has_aux=True)(params)
         return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
@@ -169,11 +169,11 @@ def make_train_step(
         params = state["params"]
         if grad_accum_steps > 1:
             (loss, metrics), grads = accumulated_gradients(
-                task, params, batch, rng, grad_accum_steps, mesh
+                task, params, batch, rng, state["step"], grad_accum_steps, mesh
             )
         else:
             (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-                params, batch, rng
+                params, batch, rng, state["step"]
             )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = task.project_params(optax.apply_updates(params, updates))

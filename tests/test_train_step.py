@@ -78,7 +78,7 @@ def gradients(config, mesh, batch):
         ),
     )(jax.random.key(0))
     global_batch = sharding.global_batch_from_local(batch, mesh)
-    grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(1))[0]))
+    grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(1), 0)[0]))
     return jax.device_get(grad_fn(params, global_batch))
 
 
@@ -121,10 +121,14 @@ def test_sharded_step_equals_single_device_step(loss):
 
 def test_gradient_accumulation_is_exact_for_contrastive_loss():
     """4 micro-batches give the same update as the whole batch: every example stays a negative."""
+    # Without RangeAugment: micro-batches draw their augmentations from their own RNG streams.
+    plain = {"range_augment.enabled": False}
     batch = random_batch(tiny_config())
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
-    whole, metrics_whole, _ = run_one_step(tiny_config(), mesh, batch)
-    accumulated, metrics_acc, _ = run_one_step(tiny_config(grad_accum_steps=4), mesh, batch)
+    whole, metrics_whole, _ = run_one_step(tiny_config(**plain), mesh, batch)
+    accumulated, metrics_acc, _ = run_one_step(
+        tiny_config(grad_accum_steps=4, **plain), mesh, batch
+    )
     np.testing.assert_allclose(metrics_acc["loss"], metrics_whole["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_acc["grad_norm"], metrics_whole["grad_norm"], rtol=1e-4)
     assert_trees_close(
@@ -141,22 +145,21 @@ class NonSplittingTask(Task):
 
 
 def test_plain_gradient_accumulation_averages_microbatch_gradients():
-    config = tiny_config(grad_accum_steps=2)
+    config = tiny_config(grad_accum_steps=2, **{"range_augment.enabled": False})
     mesh = sharding.make_mesh({"data": 8})
     task = NonSplittingTask(config, mesh)
     params = jax.jit(task.init_params)(jax.random.key(0))
     batch = sharding.global_batch_from_local(random_batch(config), mesh)
     rng = jax.random.key(1)
-    (_, _), grads = jax.jit(lambda p, b: trainer.accumulated_gradients(task, p, b, rng, 2, mesh))(
-        params, batch
-    )
+    accumulate = lambda p, b: trainer.accumulated_gradients(task, p, b, rng, 0, 2, mesh)
+    (_, _), grads = jax.jit(accumulate)(params, batch)
     host_batch = jax.device_get(batch)
     expected = None
     for index in range(2):  # micro-batch i holds rows i, i + 2, i + 4, ...
         micro = sharding.global_batch_from_local(
             {k: v[index::2] for k, v in host_batch.items()}, mesh
         )
-        g = jax.grad(lambda p, m: task.loss_fn(p, m, rng)[0])(params, micro)
+        g = jax.grad(lambda p, m: task.loss_fn(p, m, rng, 0)[0])(params, micro)
         expected = g if expected is None else jax.tree.map(np.add, expected, g)
     expected = jax.tree.map(lambda g: np.asarray(g) / 2, expected)
     assert_close_at_scale(

@@ -23,4 +23,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.eval.sets.scenes.update({"scenes_config": "tiny", "max_examples": 64, "captions": 2})
     config.checkpoint.update({"every_steps": 4, "keep": 2})
     config.log_every_steps = 2
+    config.range_augment.enabled = True  # exercised by the trainer tests, off in runlocal
     return config

@@ -36,8 +36,14 @@ class Task(abc.ABC):
         """Model parameters (called inside jit with sharded outputs: no host work here)."""
 
     @abc.abstractmethod
-    def loss_fn(self, params: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        """Global-batch loss and scalar metrics for one (micro-)batch of global arrays."""
+    def loss_fn(
+        self, params: Params, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, Metrics]:
+        """Global-batch loss and scalar metrics for one (micro-)batch of global arrays.
+
+        ``step`` is the number of optimizer steps taken before this one (for schedules inside
+        the loss, e.g. an annealed augmentation target).
+        """
 
     @abc.abstractmethod
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
@@ -67,7 +73,7 @@ class Task(abc.ABC):
         raise NotImplementedError
 
     def loss_from_embeddings(
-        self, params: Params, embeddings: Any, rng: jax.Array
+        self, params: Params, embeddings: Any, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, Metrics]:
         raise NotImplementedError
 

@@ -17,7 +17,9 @@ from jax.sharding import Mesh, PartitionSpec
 from ml_collections import ConfigDict
 
 from losses.contrastive import clip_loss
+from losses.range_augment import image_mse, psnr_target_loss, target_mse_schedule
 from losses.sigmoid import sigmoid_loss, sigmoid_loss_ring
+from models.range_augment import RangeAugment
 from models.two_tower import (
     CLIP_LOGIT_SCALE_INIT,
     SIGLIP_LOGIT_BIAS_INIT,
@@ -26,7 +28,7 @@ from models.two_tower import (
 )
 from pretrain import sharding
 from pretrain.data import image_text
-from pretrain.data.transforms import normalize
+from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.evaluate import image_text_eval
 from pretrain.export import open_clip
 from pretrain.tasks import base
@@ -64,6 +66,10 @@ class Task(base.Task):
         self.model = build_two_tower(config.model, self.loss_name)
         self.image_size = int(config.data.image_size)
         self.context_length = int(config.model.text.context_length)
+        augment = config.get("range_augment")
+        self.range_augment = (
+            RangeAugment(tuple(augment.operations)) if augment and augment.enabled else None
+        )
         self._evaluator: image_text_eval.ImageTextEvaluator | None = None
 
     # -- model ---------------------------------------------------------------------------------
@@ -71,13 +77,23 @@ class Task(base.Task):
     def init_params(self, rng: jax.Array) -> Any:
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         tokens = jnp.zeros((1, self.context_length), jnp.int32)
-        return self.model.init(rng, images, tokens)["params"]
+        model_rng, augment_rng = jax.random.split(rng)
+        params = self.model.init(model_rng, images, tokens)["params"]
+        if self.range_augment is not None:
+            augment = self.range_augment.init(augment_rng, images, augment_rng)["params"]
+            params = {**params, "range_augment": augment}
+        return params
 
-    def encode_images(self, params: Any, images_uint8: jax.Array) -> jax.Array:
+    def _encode_unit_images(self, params: Any, images: jax.Array) -> jax.Array:
+        """Embeddings of float images in [0, 1], normalised with CLIP's mean and std."""
+        normalized = (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
         embeds, _ = self.model.apply(
-            {"params": params}, normalize(images_uint8), method=TwoTowerModel.encode_image
+            {"params": params}, normalized, method=TwoTowerModel.encode_image
         )
         return embeds
+
+    def encode_images(self, params: Any, images_uint8: jax.Array) -> jax.Array:
+        return self._encode_unit_images(params, images_uint8.astype(jnp.float32) / 255.0)
 
     def encode_texts(self, params: Any, tokens: jax.Array) -> jax.Array:
         embeds, _ = self.model.apply({"params": params}, tokens, method=TwoTowerModel.encode_text)
@@ -86,14 +102,19 @@ class Task(base.Task):
     # -- loss ----------------------------------------------------------------------------------
 
     def embed(self, params: Any, batch: base.Batch, rng: jax.Array) -> dict[str, jax.Array]:
-        del rng  # no dropout in these towers
-        return {
-            "image": self.encode_images(params, batch["image"]),
-            "text": self.encode_texts(params, batch["text"]),
-        }
+        images = batch["image"].astype(jnp.float32) / 255.0
+        embeddings = {}
+        if self.range_augment is not None:
+            augmented = self.range_augment.apply({"params": params["range_augment"]}, images, rng)
+            # Per image, so that exact gradient accumulation can carry it like an embedding.
+            embeddings["augment_mse"] = image_mse(images, augmented)
+            images = augmented
+        embeddings["image"] = self._encode_unit_images(params, images)
+        embeddings["text"] = self.encode_texts(params, batch["text"])
+        return embeddings
 
     def loss_from_embeddings(
-        self, params: Any, embeddings: dict[str, jax.Array], rng: jax.Array
+        self, params: Any, embeddings: dict[str, jax.Array], rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, base.Metrics]:
         del rng
         scale = jnp.exp(params["logit_scale"])
@@ -109,15 +130,45 @@ class Task(base.Task):
             out_specs=PartitionSpec(),
         )
         value = sharded_loss(embeddings["image"], embeddings["text"], *scalars)
-        metrics = {"logit_scale": scale}
+        metrics = {"logit_scale": scale, "contrastive_loss": value}
         if len(scalars) == 2:
             metrics["logit_bias"] = scalars[1]
+        if "augment_mse" in embeddings:
+            augment_loss, augment_metrics = self._range_augment_loss(
+                params, embeddings["augment_mse"], step
+            )
+            value = value + augment_loss
+            metrics.update(augment_metrics)
         return value, metrics
 
-    def loss_fn(
-        self, params: Any, batch: base.Batch, rng: jax.Array
+    def _range_augment_loss(
+        self, params: Any, mse: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, base.Metrics]:
-        return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
+        """RangeAugment's pull of the augmented images' PSNR towards the annealed target."""
+        settings = self.config.range_augment
+        start_psnr, end_psnr = settings.target_psnr
+        target = target_mse_schedule(
+            step, int(self.config.total_steps), start_psnr, end_psnr, settings.curriculum
+        )
+        loss = psnr_target_loss(mse, target, alpha=float(settings.alpha))
+        to_psnr = lambda m: 20 * jnp.log10(255.0) - 10 * jnp.log10(jnp.maximum(m, 1e-10))
+        metrics = {
+            "range_augment/loss": loss,
+            "range_augment/psnr": to_psnr(mse).mean(),
+            "range_augment/target_psnr": to_psnr(target),
+        }
+        ranges = self.range_augment.apply(
+            {"params": params["range_augment"]}, method=RangeAugment.magnitude_ranges
+        )
+        for name, (low, high) in ranges.items():
+            metrics[f"range_augment/{name}_low"] = low
+            metrics[f"range_augment/{name}_high"] = high
+        return loss, metrics
+
+    def loss_fn(
+        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, base.Metrics]:
+        return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng, step)
 
     def project_params(self, params: Any) -> Any:
         clamped = jnp.clip(params["logit_scale"], 0.0, MAX_LOG_LOGIT_SCALE)
@@ -137,6 +188,7 @@ class Task(base.Task):
 
     def export(self, params: Any, directory: str) -> str:
         """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py."""
+        params = {k: v for k, v in params.items() if k != "range_augment"}  # training only
         model_config = open_clip.open_clip_model_config(
             self.model.image_encoder,
             self.model.text_encoder,
