@@ -43,6 +43,8 @@ def time_jax_step(batch_size: int, steps: int, dtype: str) -> dict[str, float]:
     config = get_config()
     config.model.dtype = dtype
     config.batch_size = batch_size
+    # The same work as the open_clip step: towers, CLIP loss, AdamW, EMA (no RangeAugment).
+    config.range_augment.enabled = False
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     task = Task(config, mesh)
     tx, schedule = make_optimizer(config)

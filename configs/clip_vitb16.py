@@ -100,6 +100,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "train": {
                 "source": "webdataset",  # DataComp-style tar shards
                 "shards": placeholder(str),
+                "txt_captions": "single",  # a .txt member is one (alt-text) caption
+                "json_caption_fields": ("captions", "caption"),  # more captions, e.g. synthetic
+                "index_cache_dir": "",  # e.g. a local SSD folder: shard indexes built once
+                "strict": False,  # a damaged shard is cut at the damage, logged, counted
                 "tfds_name": "",
                 "split": "train",
                 "caption_choice": "random",

@@ -12,6 +12,9 @@ fi
 tpu=$1 zone=$2 config=$3 workdir=$4
 shift 4
 repo_dir=${REPO_DIR:-$(basename "$(git rev-parse --show-toplevel)")}
-remote="cd ${repo_dir} && EXTRAS=tpu bash launch/setup.sh && \
-  .venv/bin/python -m pretrain.main --config=${config} --workdir=${workdir} --config.distributed=on $*"
+# Quote every argument for the remote shell: a shard pattern like '{00000..00099}.tar' must reach
+# the trainer as one flag, not be brace-expanded into a hundred.
+printf -v overrides '%q ' "$@"
+printf -v remote 'cd %q && EXTRAS=tpu bash launch/setup.sh && .venv/bin/python -m pretrain.main --config=%q --workdir=%q --config.distributed=on %s' \
+  "$repo_dir" "$config" "$workdir" "$overrides"
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$remote"

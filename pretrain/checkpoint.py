@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 
@@ -65,8 +65,9 @@ class Checkpointer:
             best_mode=best_mode,
             create=True,
         )
+        directory = str(directory)
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            directory if "://" in directory else os.path.abspath(directory),
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -108,12 +109,20 @@ class Checkpointer:
         state: Any,
         data_iterator: Any | None = None,
         metrics: Mapping[str, float] | None = None,
+        counters: Mapping[str, int] | None = None,
     ) -> None:
+        """Save asynchronously; ``counters`` are host-side totals (JSON) restored with the state."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(**items),
+            metrics=metrics,
+            force=True,
+            custom_metadata={"counters": dict(counters or {})},
+        )
         logging.info("checkpoint: saving step %d (async) to %s", step, self.directory)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
@@ -127,18 +136,15 @@ class Checkpointer:
             logging.warning("checkpoint %d has no data-iterator state; data restarts", step)
         return restored["state"]
 
-    def _item_names(self, step: int) -> set[str]:
-        step_dir = os.path.join(self.directory, str(step))
-        return set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
+    def counters(self, step: int) -> dict[str, int]:
+        """The host-side counters saved with ``step`` (empty for older checkpoints)."""
+        custom = self._manager.metadata(step).custom_metadata or {}
+        return {name: int(value) for name, value in custom.get("counters", {}).items()}
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def _item_names(self, step: int) -> set[str]:
+        step_dir = epath.Path(self.directory) / str(step)
+        return {path.name for path in step_dir.iterdir()} if step_dir.is_dir() else set()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs with shardings: what orbax needs to restore straight into place."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -13,6 +13,7 @@ import logging as pylogging
 import os
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,7 +31,7 @@ _MODE = flags.DEFINE_enum(
 _STEP = flags.DEFINE_string("step", "latest", "evaluate/export: 'latest', 'best' or a step.")
 _EMA = flags.DEFINE_bool("ema", False, "evaluate/export: use the EMA parameters.")
 _EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None, "export: output directory (default WORKDIR/export/<step>)."
+    "export_dir", None, "export: output directory (default WORKDIR/export/<--step value>)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,7 +40,7 @@ class _QuietLibraries(pylogging.Filter):
     """Keep the terminal readable: libraries' INFO lines (orbax logs dozens per save) are hidden."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        if "site-packages" not in record.pathname:
+        if "site-packages" not in record.pathname and "dist-packages" not in record.pathname:
             return True
         # Orbax warns on every save without metrics when a best checkpoint is tracked; only
         # evaluated steps carry metrics, by design.
@@ -55,11 +56,7 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     trainer.maybe_initialize_distributed(config)
-    workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
-    if _MODE.value == "train" and _is_process_zero():
-        with open(os.path.join(workdir, "config.json"), "w") as file:
-            file.write(config.to_json_best_effort(indent=2))
+    workdir = resolve_workdir(_WORKDIR.value)
     if _MODE.value == "evaluate":
         trainer.evaluate_checkpoint(config, workdir, _STEP.value, _EMA.value)
     elif _MODE.value == "export":
@@ -70,10 +67,12 @@ def main(argv: list[str]) -> None:
         trainer.train_and_evaluate(config, workdir)
 
 
-def _is_process_zero() -> bool:
-    import jax
-
-    return jax.process_index() == 0
+def resolve_workdir(workdir: str) -> str:
+    """An absolute local path, or a URL (gs://...) as given; created if missing."""
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    return workdir
 
 
 if __name__ == "__main__":

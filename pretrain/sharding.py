@@ -179,3 +179,18 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
             f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes"
         )
     return global_batch_size // jax.process_count()
+
+
+def check_processes_own_distinct_rows(mesh: Mesh) -> None:
+    """Each process must feed its own rows of the batch (its data shard): fail at start-up when
+    two processes' devices hold the same rows, i.e. when the ``model`` axis spans hosts."""
+    shards = data_parallel_size(mesh)
+    owners: dict[int, set[int]] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((shards,)).items():
+        owners.setdefault(index[0].start or 0, set()).add(device.process_index)
+    shared = {row: procs for row, procs in owners.items() if len(procs) > 1}
+    if shared:
+        raise ValueError(
+            f"batch rows are shared by processes {sorted(map(sorted, shared.values()))}: the "
+            "'model' mesh axis must stay within one host (use fewer model shards per host)"
+        )

@@ -10,6 +10,7 @@ checkpoint on disk is always a good one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -63,10 +65,6 @@ def init_state(
         return state
 
     return build
-
-
-def state_shardings(abstract_state: State, mesh: Mesh, rules: Any) -> State:
-    return sharding.tree_shardings(abstract_state, mesh, rules)
 
 
 def count_params(params: Any) -> int:
@@ -205,12 +203,19 @@ def make_train_step(
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag the loop checks once per step (then it saves and exits)."""
+    """Turns SIGTERM into a flag the loop checks once per step (then it saves and exits).
+
+    Single-process runs only: with several processes each would see the signal at a different
+    step, and the collective save needs one agreed step. There JAX's preemption service (started
+    by ``jax.distributed.initialize``, with its own SIGTERM handler) agrees on the step, read
+    through ``Checkpointer.reached_preemption``.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        single_process = jax.process_count() == 1
+        if single_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -256,6 +261,8 @@ def maybe_initialize_distributed(config: ConfigDict) -> None:
     coordinator address in the environment, multi-host TPU); "on" always, "off" never.
     """
     mode = config.get("distributed", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed={mode!r}; use 'auto', 'on' or 'off'")
     if mode == "off":
         return
     launched_multi = (
@@ -291,7 +298,7 @@ class StateLayout:
         )
         build = init_state(task, tx, int(config.seed), bool(config.get("ema_decay")))
         abstract = jax.eval_shape(build)
-        return cls(build, abstract, state_shardings(abstract, task.mesh, rules))
+        return cls(build, abstract, sharding.tree_shardings(abstract, task.mesh, rules))
 
     def abstract_with_shardings(self) -> State:
         """What orbax restores into: shapes, dtypes and the target shardings."""
@@ -356,6 +363,7 @@ def log_progress(step: int, total_steps: int, summary: dict[str, float], eta: fl
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming from its last checkpoint); return final metrics."""
     mesh = sharding.make_mesh(config.mesh)
+    sharding.check_processes_own_distinct_rows(mesh)
     task = build_task(config, mesh)
     tx, schedule = make_optimizer(config)
     grad_accum_steps = int(config.get("grad_accum_steps", 1))
@@ -373,6 +381,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         local_batch_size,
     )
 
+    if config.get("eval") and int(config.eval.every_steps):
+        task.prepare_evaluation()
     data_iterator = iter(
         task.train_dataset(
             batch_size=local_batch_size,
@@ -382,6 +392,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     )
     checkpointer = make_checkpointer(config, workdir)
     resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        check_matches_training_config(config, workdir)
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     if resume_step is not None:
         state = checkpointer.restore(resume_step, layout.abstract_with_shardings(), data_iterator)
         logging.info("resumed from checkpoint at step %d", resume_step)
@@ -405,7 +419,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     ckpt_every = int(config.checkpoint.every_steps)
     last_saved = resume_step
     pending: list[tuple[int, dict[str, jax.Array]]] = []
+    # Records skipped as bad over the whole run: a checkpoint keeps the sum over processes,
+    # which process 0 carries on after a restart (the logged value is the sum again).
     skipped_total = 0
+    if resume_step is not None and jax.process_index() == 0:
+        skipped_total = checkpointer.counters(resume_step).get("skipped", 0)
     final_metrics: dict[str, float] = {}
     watcher = PreemptionWatcher()
     meter = ProgressMeter(total_steps)
@@ -461,7 +479,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             tracks_best = bool(eval_results) and checkpointer.best_metric is not None
             if step % ckpt_every == 0 or is_last or preempted or tracks_best:
                 drain()
-                checkpointer.save(step, state, data_iterator, metrics=eval_results)
+                checkpointer.save(
+                    step,
+                    state,
+                    data_iterator,
+                    metrics=eval_results,
+                    counters={"skipped": int(global_skipped(skipped_total))},
+                )
                 last_saved = step
             meter.exclude(time.perf_counter() - paused_at)
 
@@ -511,8 +535,44 @@ def global_skipped(local_count: int) -> float:
 # Using a trained workdir: evaluation and export
 
 
+# Config sections that decide the shapes of the saved state: they must be those of training.
+STATE_DEFINING_SECTIONS = ("task", "model", "loss", "range_augment", "optimizer", "ema_decay")
+
+
+def _flatten_json(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten_json(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def check_matches_training_config(config: ConfigDict, workdir: str) -> None:
+    """Fail with the differing fields when the model described now is not the one trained."""
+    saved_path = epath.Path(workdir) / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(config.to_json_best_effort())
+    differences = []
+    for section in STATE_DEFINING_SECTIONS:
+        was = _flatten_json(saved.get(section), f"{section}.")
+        now = _flatten_json(current.get(section), f"{section}.")
+        for field in sorted(set(was) | set(now)):
+            if was.get(field) != now.get(field):
+                differences.append(f"  {field}: trained {was.get(field)!r}, now {now.get(field)!r}")
+    if differences:
+        raise ValueError(
+            f"the config differs from the one {saved_path} was trained with:\n"
+            + "\n".join(differences)
+            + "\nPass the same config arguments and overrides as for training."
+        )
+
+
 def restore_trained(config: ConfigDict, workdir: str, step: str = "latest") -> tuple[Task, State]:
     """The task and the train state of checkpoint ``step`` ("latest", "best" or a number)."""
+    check_matches_training_config(config, workdir)
     task = build_task(config, sharding.make_mesh(config.mesh))
     tx, _ = make_optimizer(config)
     layout = StateLayout.create(config, task, tx)

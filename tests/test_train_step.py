@@ -82,7 +82,7 @@ def gradients(config, mesh, batch):
     return jax.device_get(grad_fn(params, global_batch))
 
 
-@pytest.mark.parametrize("loss", ["clip", "sigmoid_ring"])
+@pytest.mark.parametrize("loss", ["clip", "sigmoid", "sigmoid_ring"])
 def test_sharded_step_equals_single_device_step(loss):
     config = tiny_config(**{"loss.name": loss})
     batch = random_batch(config)
@@ -185,3 +185,22 @@ def test_mesh_shape_resolution_and_errors():
         sharding.mesh_shape({"tensor": 2}, 8)
     with pytest.raises(ValueError, match="cannot be split"):
         sharding.mesh_shape({"data": -1, "model": 3}, 8)
+
+
+def test_batch_rows_shared_between_processes_are_refused(monkeypatch):
+    """With the model axis across hosts two processes would feed the same rows different data."""
+
+    class Device:
+        def __init__(self, process_index):
+            self.process_index = process_index
+
+    class SharedRows:
+        def devices_indices_map(self, shape):
+            del shape
+            return {Device(0): (slice(0, 1),), Device(1): (slice(0, 1),)}
+
+    mesh = sharding.make_mesh({"data": 8})
+    sharding.check_processes_own_distinct_rows(mesh)  # one process: fine
+    monkeypatch.setattr(sharding, "batch_sharding", lambda mesh, ndim=1: SharedRows())
+    with pytest.raises(ValueError, match="must stay within one host"):
+        sharding.check_processes_own_distinct_rows(mesh)

@@ -33,12 +33,25 @@ def read_metrics(workdir: Path) -> dict[str, dict[int, float]]:
     return by_name
 
 
+def restore_state(workdir: Path, step: int, *overrides: str):
+    """The saved train state; ``overrides`` as given on the command line (--config.a.b=v)."""
+    config = tiny_clip.get_config()
+    for override in overrides:
+        path, value = override.removeprefix("--config.").split("=")
+        *parents, leaf = path.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = type(target[leaf])(value)
+    _, state = trainer.restore_trained(config, str(workdir), str(step))
+    return jax.device_get(state)
+
+
 def restore_params(workdir: Path, step: int):
-    _, state = trainer.restore_trained(tiny_clip.get_config(), str(workdir), str(step))
-    return jax.device_get(state["params"])
+    return restore_state(workdir, step)["params"]
 
 
-def launch(workdir: Path, *overrides: str) -> subprocess.Popen:
+def launch(workdir: Path, *overrides: str, devices: int = 1) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -47,7 +60,8 @@ def launch(workdir: Path, *overrides: str) -> subprocess.Popen:
         f"--workdir={workdir}",
         *overrides,
     ]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    xla_flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -95,6 +109,11 @@ def test_tiny_run_end_to_end(tmp_path):
         Checkpointer(tmp_path / "checkpoints", best_metric="scenes/zeroshot_top1"), "best"
     )
     assert scores[best] == max(scores.values())
+    # Evaluating with a different model than the one trained names the differing fields.
+    other = tiny_clip.get_config()
+    other.model.image.width = 32
+    with pytest.raises(ValueError, match=r"model\.image\.width: trained 64, now 32"):
+        trainer.restore_trained(other, str(tmp_path))
     exported = trainer.export_checkpoint(tiny_clip.get_config(), str(tmp_path), str(tmp_path / "x"))
     assert sorted(p.name for p in Path(exported).iterdir()) == [
         "open_clip_config.json",
@@ -103,11 +122,16 @@ def test_tiny_run_end_to_end(tmp_path):
 
 
 def test_kill_and_resume_gives_identical_parameters(tmp_path):
-    total = "--config.total_steps=40"
-    reference = launch(tmp_path / "reference", total)
+    # 8 devices (data parallel), 2 data worker processes, EMA on: all of it must resume exactly.
+    settings = (
+        "--config.total_steps=40",
+        "--config.data.worker_count=2",
+        "--config.ema_decay=0.99",
+    )
+    reference = launch(tmp_path / "reference", *settings, devices=8)
     assert reference.wait(timeout=600) == 0, reference.stdout.read()
 
-    interrupted = launch(tmp_path / "interrupted", total)
+    interrupted = launch(tmp_path / "interrupted", *settings, devices=8)
     wait_for_checkpoint(interrupted, tmp_path / "interrupted", 8, timeout=600)
     interrupted.send_signal(signal.SIGKILL)
     interrupted.wait(timeout=60)
@@ -115,14 +139,15 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path):
     killed_at = max(finished_steps(tmp_path / "interrupted"))
     assert killed_at < 40, "the run finished before it could be killed"
 
-    resumed = launch(tmp_path / "interrupted", total)
+    resumed = launch(tmp_path / "interrupted", *settings, devices=8)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert "resumed from checkpoint" in output
 
-    expected = restore_params(tmp_path / "reference", 40)
-    actual = restore_params(tmp_path / "interrupted", 40)
-    jax.tree.map(np.testing.assert_array_equal, actual, expected)
+    expected = restore_state(tmp_path / "reference", 40, *settings)
+    actual = restore_state(tmp_path / "interrupted", 40, *settings)
+    for part in ("params", "ema_params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, actual[part], expected[part])
     # The resumed run's metrics continue the interrupted run's without duplicates.
     losses = read_metrics(tmp_path / "interrupted")["train/loss"]
     assert sorted(losses) == list(range(2, 41, 2))
@@ -235,3 +260,29 @@ def test_corrupt_shard_entries_are_skipped_and_counted(tmp_path):
     task = ClipTask(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     stream = iter(task.train_dataset(batch_size=16, process_index=0, process_count=1))
     assert logged == sum(next(stream)["skipped"] for _ in range(5))
+
+
+def test_evaluation_settings_are_checked_before_training(tmp_path):
+    config = tiny_clip.get_config()
+    config.eval.sets.scenes.source = "tfsd"  # a typo fails at start-up, not at the first eval
+    with pytest.raises(ValueError, match="unknown data source 'tfsd'"):
+        trainer.train_and_evaluate(config, str(tmp_path / "typo"))
+    assert not (tmp_path / "typo" / "checkpoints").exists()
+
+    # A set whose data is not there (ImageNet not prepared) is skipped; training goes on.
+    config = tiny_clip.get_config()
+    config.total_steps = 2
+    config.eval.every_steps = 2
+    config.eval.sets["imagenet"] = {
+        "source": "tfds",
+        "tfds_name": "imagenet2012",
+        "split": "validation",
+        "classnames": "imagenet",
+        "templates": "openai_imagenet",
+        "captions": 0,
+        "max_examples": 0,
+        "data_dir": str(tmp_path / "no_data_here"),
+    }
+    metrics = trainer.train_and_evaluate(config, str(tmp_path / "missing"))
+    assert "eval/scenes/zeroshot_top1" in metrics
+    assert not any(name.startswith("eval/imagenet") for name in metrics)

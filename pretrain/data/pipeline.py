@@ -60,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -391,6 +392,14 @@ def process_block(num_records: int, process_index: int, process_count: int) -> t
     )
 
 
+def _ignore_termination_signal(worker_index: int, worker_count: int) -> None:
+    """Workers outlive a SIGTERM sent to the whole process group (SLURM, Kubernetes), so that
+    the main process can still read the batches it needs and save its preemption checkpoint;
+    grain stops them when the iterator is closed."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _ensure_absl_flags_parsed() -> None:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they are
     # unparsed and reading them raises, so take the defaults.
@@ -491,6 +500,7 @@ def image_text_dataset(
         batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
-            )
+            ),
+            worker_init_fn=_ignore_termination_signal,
         )
     return batches

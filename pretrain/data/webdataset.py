@@ -24,9 +24,22 @@ multi-caption sets):
 Records are returned raw: ``dict(key=str, image_bytes=bytes | None, captions=list[str],
 metadata=dict)``. Decoding and augmentation happen in the pipeline (:mod:`pretrain.data.pipeline`).
 
-The index holds about 60 bytes per sample in NumPy arrays (a 12.8M-sample set: ~0.8 GB per host,
-also pickled into each grain worker); for billions of samples convert the shards to ArrayRecord.
+Scale: each process (host) scans the shards once at start-up (or reuses cached indexes) and
+writes one combined index of memory-mapped ``.npy`` files, ~41 bytes per sample for DataComp-style
+9-character keys and shards under 2 GiB (8 + key length + 24 bytes; 24 more if any shard is not):
+12.8M samples ~0.5 GB, 1B samples ~41 GB of disk. The index is not held on the Python heap: its
+pages live once in the OS page cache, shared by the process and its grain workers, and a pickled
+source (what each worker receives) holds only the shard paths and the index directory. Start-up
+memory is bounded by a few in-flight per-shard indexes, not by the data set's size. Random access
+touches index pages all over the file, so for fast reads the index should fit in the host's free
+RAM; beyond that each lookup may cost a disk read of the index besides the sample itself. Put
+``index_cache_dir`` on a local disk (the default temporary directory may be a RAM-backed tmpfs).
 Shards must be local files or a mounted bucket (e.g. gcsfuse): reads are ``os.pread`` calls.
+
+Damaged input is skipped, not fatal: a shard with a damaged tar header keeps the samples before the
+damage, a shard cut short keeps its whole members; both are logged and listed in
+``WebDatasetSource.damaged_shards`` (``strict=True`` raises on a damaged header instead). A missing
+shard raises at start-up: that is a configuration error.
 """
 
 from __future__ import annotations
@@ -40,9 +53,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -54,7 +70,7 @@ METADATA_EXTENSION = "json"
 DEFAULT_JSON_CAPTION_FIELDS = ("captions", "caption")
 
 _BLOCK = 512
-_INDEX_FORMAT_VERSION = 1
+_INDEX_FORMAT_VERSION = 2  # 2: per-shard indexes record damage
 _MISSING = -1
 
 _logger = logging.getLogger(__name__)
@@ -62,6 +78,10 @@ _logger = logging.getLogger(__name__)
 
 class CorruptShardError(ValueError):
     """A shard's tar headers cannot be parsed (not a tar file, or a damaged header)."""
+
+
+class TruncatedShardError(CorruptShardError):
+    """A member's payload runs past the end of the shard (e.g. a partial download)."""
 
 
 # ----------------------------------------------------------------------------- shard patterns
@@ -161,14 +181,14 @@ def _parse_pax_records(payload: bytes) -> dict[str, str]:
     return records
 
 
-def scan_tar_members(path: str) -> list[tuple[str, int, int]]:
-    """Lists the regular files of an uncompressed tar as ``(name, payload_offset, payload_size)``.
+def iter_tar_members(path: str) -> Iterator[tuple[str, int, int]]:
+    """Yields the regular files of an uncompressed tar as ``(name, payload_offset, payload_size)``.
 
     Reads only the 512-byte headers (plus GNU long-name and pax payloads, which hold names).
     Handles ustar prefixes, GNU ``L`` long names, pax ``path``/``size`` records and base-256 sizes.
-    A shard cut short (a partial download) keeps the members that lie wholly inside the file.
+    Raises :class:`CorruptShardError` at a damaged header and :class:`TruncatedShardError` at a
+    payload that runs past the end of the file, after yielding every member before that point.
     """
-    members: list[tuple[str, int, int]] = []
     file_size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -178,7 +198,7 @@ def scan_tar_members(path: str) -> list[tuple[str, int, int]]:
         while offset + _BLOCK <= file_size:
             block = os.pread(fd, _BLOCK, offset)
             if block.count(0) == _BLOCK:  # end-of-archive marker
-                break
+                return
             if not _checksum_ok(block):
                 raise CorruptShardError(f"{path}: bad tar header checksum at byte {offset}")
             type_flag = block[156:157]
@@ -199,15 +219,29 @@ def scan_tar_members(path: str) -> list[tuple[str, int, int]]:
                 name = pax.get("path", long_name or name)
                 size = int(pax.get("size", size))
                 if data_offset + size > file_size:
-                    _logger.warning("%s is truncated: the samples after %r are lost", path, name)
-                    break
-                members.append((name, data_offset, size))
+                    raise TruncatedShardError(
+                        f"{path}: cut short at byte {file_size}, inside member {name!r}"
+                    )
+                yield name, data_offset, size
                 long_name, pax = None, {}
             elif type_flag != b"g":  # directories, links, GNU 'K': the pending names were theirs
                 long_name, pax = None, {}
             offset = data_offset + (size + _BLOCK - 1) // _BLOCK * _BLOCK
     finally:
         os.close(fd)
+
+
+def scan_tar_members(path: str) -> list[tuple[str, int, int]]:
+    """All members of :func:`iter_tar_members` in a list.
+
+    A shard cut short (a partial download) keeps the members that lie wholly inside the file (with
+    a logged warning); a damaged header raises :class:`CorruptShardError`.
+    """
+    members: list[tuple[str, int, int]] = []
+    try:
+        members.extend(iter_tar_members(path))
+    except TruncatedShardError as error:
+        _logger.warning("%s: the members after it are lost", error)
     return members
 
 
@@ -239,11 +273,23 @@ def index_shard(path: str) -> dict[str, np.ndarray]:
 
     Samples are ordered by the first appearance of their key; a key whose members are scattered
     through the shard is still one sample. The first member of each slot wins.
+    A damaged shard keeps the samples read before the damage; ``damage`` (a 0-d string array)
+    then says what happened (empty when the shard is whole) and ``corrupt`` (0-d bool) is True
+    for a damaged header, False for a shard that is only cut short.
     """
     order: dict[str, int] = {}
     offsets: dict[str, list[int]] = {slot: [] for slot in _SLOTS}
     sizes: dict[str, list[int]] = {slot: [] for slot in _SLOTS}
-    for name, offset, size in scan_tar_members(path):
+    damage, corrupt = "", False
+    members = iter_tar_members(path)
+    while True:
+        try:
+            name, offset, size = next(members)
+        except StopIteration:
+            break
+        except CorruptShardError as error:  # TruncatedShardError too
+            damage, corrupt = str(error), not isinstance(error, TruncatedShardError)
+            break
         key, extension = split_key(name)
         if not key or key.endswith("/"):  # e.g. "dir/.hidden": no sample key
             continue
@@ -262,6 +308,8 @@ def index_shard(path: str) -> dict[str, np.ndarray]:
     for slot in _SLOTS:
         index[f"{slot}_offset"] = np.array(offsets[slot], dtype=np.int64)
         index[f"{slot}_size"] = np.array(sizes[slot], dtype=np.int64)
+    index["damage"] = np.array(damage)
+    index["corrupt"] = np.array(corrupt)
     return index
 
 
@@ -299,6 +347,207 @@ def load_or_build_shard_index(
         np.savez(temporary, fingerprint=fingerprint, **index)
         os.replace(temporary, cache)  # atomic: concurrent hosts never read a half-written file
     return index
+
+
+# ----------------------------------------------------------------------------- combined index
+#
+# The index of all shards lives in one directory of .npy files that every process memory-maps
+# (``np.load(mmap_mode="r")``): the pages sit once in the OS page cache, shared by the host's
+# process and its grain workers, and pickling a source sends only the directory's path.
+# Per sample: ``key_offsets`` (int64, n + 1 entries) and ``key_bytes`` (the UTF-8 keys end to
+# end), six ``<slot>_offset/_size`` arrays (int32 when every shard is under 2 GiB, else int64)
+# and, per shard, ``shard_starts`` (int64, shards + 1 entries): ~41 bytes for DataComp's
+# 9-character keys. ``index.json``, written last, lists the shards' fingerprints and damage.
+
+_META_FILE = "index.json"
+_PER_SAMPLE_ARRAYS = tuple(f"{slot}_{part}" for slot in _SLOTS for part in ("offset", "size"))
+_COMBINED_ARRAYS = ("key_offsets", "key_bytes", "shard_starts", *_PER_SAMPLE_ARRAYS)
+
+
+def shard_fingerprints(paths: Sequence[str]) -> list[list[Any]]:
+    """``[absolute path, size, mtime_ns]`` per shard; a missing shard is a configuration error."""
+    fingerprints = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise FileNotFoundError(
+                f"webdataset shard {path!r} cannot be opened ({error.strerror}); check the "
+                "shards pattern"
+            ) from error
+        fingerprints.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return fingerprints
+
+
+def combined_index_name(fingerprints: Sequence[Sequence[Any]]) -> str:
+    """Directory name of a combined index: a hash of the format version and shard fingerprints."""
+    text = json.dumps([_INDEX_FORMAT_VERSION, list(map(list, fingerprints))])
+    return f"webdataset-index-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+class _NpyAppender:
+    """Writes a 1-D .npy file by appending chunks, so no whole array is ever held in memory.
+
+    The header is written first with length 0 and rewritten at the end: NumPy pads 1-D headers
+    so that any length up to 21 digits fits in the same number of bytes.
+    """
+
+    def __init__(self, path: str, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self._header_size = self._write_header()
+
+    def _write_header(self) -> int:
+        header = {"descr": self.dtype.str, "fortran_order": False, "shape": (self.count,)}
+        np.lib.format.write_array_header_1_0(self._file, header)
+        return self._file.tell()
+
+    def append(self, values: np.ndarray) -> None:
+        if values.size and np.issubdtype(self.dtype, np.integer):
+            limits = np.iinfo(self.dtype)
+            if values.min() < limits.min or values.max() > limits.max:
+                raise OverflowError(f"{self._file.name}: values do not fit {self.dtype}")
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.count += len(values)
+
+    def finish(self) -> None:
+        self._file.seek(0)
+        if self._write_header() != self._header_size:
+            raise RuntimeError(f"{self._file.name}: the .npy header changed size")
+        self._file.close()
+
+
+def _ordered_shard_indexes(
+    paths: Sequence[str], build: Callable[[str], dict[str, np.ndarray]], threads: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per-shard indexes in shard order, built by ``threads`` threads, few held at a time."""
+    with futures.ThreadPoolExecutor(threads) as pool:
+        remaining = iter(paths)
+        pending = collections.deque(
+            pool.submit(build, p) for p in itertools.islice(remaining, 2 * threads)
+        )
+        try:
+            while pending:
+                index = pending.popleft().result()
+                for path in itertools.islice(remaining, 1):
+                    pending.append(pool.submit(build, path))
+                yield index
+        finally:  # an error (or a strict abort) does not wait for the shards still queued
+            for future in pending:
+                future.cancel()
+
+
+def write_combined_index(
+    directory: str,
+    shards: Sequence[str],
+    shard_indexes: Iterable[Mapping[str, np.ndarray]],
+    fingerprints: Sequence[Sequence[Any]],
+) -> dict[str, Any]:
+    """Writes the per-shard indexes, in shard order, as one memory-mappable index; returns its meta.
+
+    ``fingerprints`` (from :func:`shard_fingerprints`) bound the offsets, which picks their dtype.
+    """
+    largest_shard = max((size for _, size, _ in fingerprints), default=0)
+    offset_dtype = np.int32 if largest_shard < 2**31 else np.int64
+    writers = {
+        name: _NpyAppender(os.path.join(directory, f"{name}.npy"), offset_dtype)
+        for name in _PER_SAMPLE_ARRAYS
+    }
+    writers["key_bytes"] = _NpyAppender(os.path.join(directory, "key_bytes.npy"), np.uint8)
+    writers["key_offsets"] = _NpyAppender(os.path.join(directory, "key_offsets.npy"), np.int64)
+    writers["key_offsets"].append(np.zeros(1, np.int64))
+    shard_starts, damaged = [0], []
+    for shard, index in zip(shards, shard_indexes, strict=True):
+        keys = index["keys"].tolist()
+        key_ends = writers["key_bytes"].count + np.cumsum(
+            [len(key) for key in keys], dtype=np.int64
+        )
+        writers["key_offsets"].append(key_ends)
+        writers["key_bytes"].append(np.frombuffer(b"".join(keys), np.uint8))
+        for name in _PER_SAMPLE_ARRAYS:
+            writers[name].append(index[name])
+        shard_starts.append(shard_starts[-1] + len(keys))
+        if str(index["damage"]):
+            damaged.append(
+                {"shard": shard, "damage": str(index["damage"]), "corrupt": bool(index["corrupt"])}
+            )
+    for writer in writers.values():
+        writer.finish()
+    np.save(os.path.join(directory, "shard_starts.npy"), np.array(shard_starts, np.int64))
+    meta = {
+        "format": _INDEX_FORMAT_VERSION,
+        "num_samples": shard_starts[-1],
+        "fingerprints": [list(f) for f in fingerprints],
+        "damaged": damaged,
+    }
+    # Written last, to a temporary name: a directory with this file is a complete index.
+    temporary = os.path.join(directory, f".{_META_FILE}.tmp")
+    with open(temporary, "w") as file:
+        json.dump(meta, file)
+    os.replace(temporary, os.path.join(directory, _META_FILE))
+    return meta
+
+
+def open_combined_index(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of a combined index; the arrays are read-only views of memory maps.
+
+    Raises ``OSError`` / ``ValueError`` when files are missing or their lengths disagree.
+    """
+    with open(os.path.join(directory, _META_FILE)) as file:
+        meta = json.load(file)
+    # Plain ndarray views of the maps (``.base`` is the np.memmap): indexing them skips the
+    # np.memmap subclass machinery, a third of the time of a record lookup.
+    arrays = {
+        name: np.asarray(
+            np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+        )
+        for name in _COMBINED_ARRAYS
+    }
+    count = meta["num_samples"]
+    expected = {name: count for name in _PER_SAMPLE_ARRAYS}
+    expected.update(
+        key_offsets=count + 1,
+        key_bytes=int(arrays["key_offsets"][-1]),
+        shard_starts=len(meta["fingerprints"]) + 1,
+    )
+    for name, length in expected.items():
+        if arrays[name].shape != (length,):
+            raise ValueError(f"{directory}: {name} has shape {arrays[name].shape}, not ({length},)")
+    return meta, arrays
+
+
+def _reusable_index(directory: str, fingerprints: Sequence[Sequence[Any]]) -> bool:
+    if not os.path.exists(os.path.join(directory, _META_FILE)):
+        return False
+    try:
+        meta, _ = open_combined_index(directory)
+    except (OSError, ValueError, KeyError) as error:  # a damaged cache is rebuilt
+        _logger.warning("Ignoring unreadable combined index %s: %s", directory, error)
+        return False
+    return meta["format"] == _INDEX_FORMAT_VERSION and meta["fingerprints"] == [
+        list(f) for f in fingerprints
+    ]
+
+
+def _publish(building: str, final: str, fingerprints: Sequence[Sequence[Any]]) -> None:
+    """Renames a finished index into place (atomic); a valid one already there is kept."""
+    try:
+        os.rename(building, final)
+        return
+    except OSError:  # ``final`` exists: another process won the race, or a damaged copy is there
+        if _reusable_index(final, fingerprints):
+            return
+    stale = f"{final}.stale{os.getpid()}.{threading.get_ident()}"
+    os.rename(final, stale)
+    os.rename(building, final)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove_if_owner(directory: str, owner_pid: int) -> None:
+    # Forked children (grain workers) inherit this finalizer: only the creating process removes.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- file handles
@@ -406,14 +655,27 @@ class WebDatasetSource:
       shards: paths, brace patterns (``"data/{00000..00099}.tar"``), globs, a ``::``-joined string.
       txt_captions: ``'lines'`` (each non-blank line of ``.txt`` is a caption) or ``'single'``.
       json_caption_fields: JSON fields whose string / list-of-strings values are captions too.
-      index_cache_dir: if set, per-shard indexes are cached there (keyed by the shard's path).
+      index_cache_dir: if set, the per-shard indexes (keyed by the shard's path) and the combined,
+        memory-mapped index (keyed by a hash of the shard list and fingerprints) are kept there
+        and reused by later runs; else the combined index is written to a private temporary
+        directory (under ``$TMPDIR``) that is removed when this source is collected or at exit.
       cache_index_next_to_shards: if True, cache each index as ``<shard>.index.npz`` beside it.
       index_threads: shards indexed concurrently (I/O bound: helps on network file systems).
       max_open_files: descriptors kept open per process (least recently used ones are closed).
+      strict: if True, a shard with a damaged tar header raises :class:`CorruptShardError`; by
+        default its samples before the damage are kept, a warning names it and
+        ``damaged_shards`` lists it (shards cut short are always kept and listed).
 
-    A cached index is reused only while the shard's size and modification time are unchanged.
-    Records are dicts ``key`` (str), ``image_bytes`` (bytes or None), ``captions`` (list[str],
-    stripped, blank ones dropped), ``metadata`` (dict from ``.json``, ``{}`` if absent/invalid).
+    A missing or unreadable shard raises ``FileNotFoundError`` at construction (a configuration
+    error). A cached index is reused only while the shards' sizes and modification times are
+    unchanged. Records are dicts ``key`` (str), ``image_bytes`` (bytes or None), ``captions``
+    (list[str], stripped, blank ones dropped), ``metadata`` (dict from ``.json``, ``{}`` if
+    absent/invalid).
+
+    Attributes:
+      shards: the resolved shard paths.
+      damaged_shards: shards whose scan stopped early (damaged header or cut short).
+      index_dir: the directory of the memory-mapped combined index.
     """
 
     def __init__(
@@ -426,69 +688,137 @@ class WebDatasetSource:
         cache_index_next_to_shards: bool = False,
         index_threads: int = 16,
         max_open_files: int = 128,
+        strict: bool = False,
     ):
         if txt_captions not in ("lines", "single"):
             raise ValueError(f"txt_captions must be 'lines' or 'single', got {txt_captions!r}")
+        if isinstance(json_caption_fields, str):
+            raise TypeError(
+                f"json_caption_fields must be a sequence of names, got {json_caption_fields!r}"
+            )
         self.shards = resolve_shards(shards)
         self.txt_captions = txt_captions
         self.json_caption_fields = tuple(json_caption_fields)
         self.max_open_files = max_open_files
-        build = lambda path: load_or_build_shard_index(
-            path, cache_dir=index_cache_dir, cache_next_to_shard=cache_index_next_to_shards
-        )
-        with futures.ThreadPoolExecutor(max(1, min(index_threads, len(self.shards)))) as pool:
-            per_shard = list(pool.map(build, self.shards))
-        counts = [len(index["keys"]) for index in per_shard]
-        self.shard_of_sample = np.repeat(np.arange(len(self.shards), dtype=np.int32), counts)
-        self.keys = np.concatenate([index["keys"].astype(bytes) for index in per_shard])
-        self._offsets = {
-            name: np.concatenate([index[name] for index in per_shard]).astype(np.int64)
-            for name in per_shard[0]
-            if name != "keys"
-        }
+        self.strict = strict
+        fingerprints = shard_fingerprints(self.shards)
+
+        def shard_index(path: str) -> dict[str, np.ndarray]:
+            index = load_or_build_shard_index(
+                path, cache_dir=index_cache_dir, cache_next_to_shard=cache_index_next_to_shards
+            )
+            if strict and bool(index["corrupt"]):  # stop before scanning the other shards
+                raise CorruptShardError(str(index["damage"]))
+            return index
+
+        def write(directory: str) -> None:
+            threads = max(1, min(index_threads, len(self.shards)))
+            per_shard = _ordered_shard_indexes(self.shards, shard_index, threads)
+            write_combined_index(directory, self.shards, per_shard, fingerprints)
+
+        if index_cache_dir:
+            self.index_dir = self._cached_index(index_cache_dir, fingerprints, write)
+        else:
+            self.index_dir = tempfile.mkdtemp(prefix="webdataset-index-")
+            weakref.finalize(self, _remove_if_owner, self.index_dir, os.getpid())
+            write(self.index_dir)
+        meta, self._index = open_combined_index(self.index_dir)
+        self._check_damage(meta["damaged"])
+        self.damaged_shards = [record["shard"] for record in meta["damaged"]]
+        self._num_samples = int(meta["num_samples"])
+        if self._num_samples == 0:
+            raise ValueError(
+                f"No samples in {len(self.shards)} shards ({len(self.damaged_shards)} damaged), "
+                f"e.g. {self.shards[0]!r}"
+            )
         self._handles = _FileHandles(self.shards, self.max_open_files)
 
+    @staticmethod
+    def _cached_index(
+        cache_dir: str, fingerprints: Sequence[Sequence[Any]], write: Callable[[str], None]
+    ) -> str:
+        final = os.path.join(cache_dir, combined_index_name(fingerprints))
+        if _reusable_index(final, fingerprints):
+            return final
+        os.makedirs(cache_dir, exist_ok=True)
+        # Built under a private name and renamed: readers never see a half-written index.
+        building = tempfile.mkdtemp(prefix=".building-", dir=cache_dir)
+        try:
+            write(building)
+            _publish(building, final, fingerprints)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)  # already gone after a rename
+        return final
+
+    def _check_damage(self, damaged: Sequence[Mapping[str, Any]]) -> None:
+        if self.strict:
+            for record in damaged:
+                if record["corrupt"]:
+                    raise CorruptShardError(record["damage"])
+        shown = 10  # a broken bucket should not flood the log
+        for record in damaged[:shown]:
+            _logger.warning(
+                "Damaged shard %s: %s; its samples before the damage are kept",
+                record["shard"],
+                record["damage"],
+            )
+        if len(damaged) > shown:
+            _logger.warning(
+                "%d more damaged shards (see source.damaged_shards)", len(damaged) - shown
+            )
+
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._num_samples
 
     def __repr__(self) -> str:
-        return f"WebDatasetSource({len(self.shards)} shards, {len(self)} samples)"
+        damaged = f", {len(self.damaged_shards)} damaged" if self.damaged_shards else ""
+        return f"WebDatasetSource({len(self.shards)} shards{damaged}, {len(self)} samples)"
 
-    def _payload(self, slot: str, index: int) -> bytes | None:
-        offset = int(self._offsets[f"{slot}_offset"][index])
+    def _shard_of(self, index: int) -> int:
+        # Empty shards repeat a start; side="right" skips them to the shard that holds ``index``.
+        return int(np.searchsorted(self._index["shard_starts"], index, side="right")) - 1
+
+    def key(self, index: int) -> str:
+        """The sample key of record ``index`` (in ``0 .. len - 1``)."""
+        start, end = self._index["key_offsets"][index : index + 2]
+        return self._index["key_bytes"][start:end].tobytes().decode("utf-8", "surrogateescape")
+
+    def _payload(self, slot: str, index: int, shard: int) -> bytes | None:
+        offset = int(self._index[f"{slot}_offset"][index])
         if offset == _MISSING:
             return None
-        return self._handles.read(
-            int(self.shard_of_sample[index]), offset, int(self._offsets[f"{slot}_size"][index])
-        )
+        return self._handles.read(shard, offset, int(self._index[f"{slot}_size"][index]))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
-        metadata = _parse_metadata(self._payload("metadata", index))
+        shard = self._shard_of(index)
+        metadata = _parse_metadata(self._payload("metadata", index, shard))
         captions = parse_captions(
-            self._payload("text", index),
+            self._payload("text", index, shard),
             metadata,
             txt_captions=self.txt_captions,
             json_caption_fields=self.json_caption_fields,
         )
         return {
-            "key": self.keys[index].decode("utf-8", "surrogateescape"),
-            "image_bytes": self._payload("image", index),
+            "key": self.key(index),
+            "image_bytes": self._payload("image", index, shard),
             "captions": captions,
             "metadata": metadata,
         }
 
     def __getstate__(self) -> dict[str, Any]:
-        # Open descriptors and locks do not cross into grain worker processes: they reopen lazily.
+        # Only paths travel into grain worker processes: they memory-map the same index files
+        # (shared page cache) and reopen shard descriptors lazily.
         state = self.__dict__.copy()
-        del state["_handles"]
+        del state["_handles"], state["_index"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        _, self._index = open_combined_index(self.index_dir)
         self._handles = _FileHandles(self.shards, self.max_open_files)
 
     def close(self) -> None:

@@ -63,6 +63,12 @@ def prompt_templates(name: str) -> Sequence[str]:
     raise ValueError(f"unknown templates {name!r}")
 
 
+def _dataset_not_found_error() -> type[Exception]:
+    import tensorflow_datasets as tfds
+
+    return tfds.core.registered.DatasetNotFoundError
+
+
 def global_array_from_host(x: np.ndarray, mesh: Mesh) -> jax.Array:
     """A batch every process holds in full, placed split over the data-parallel devices."""
     target = sharding.batch_sharding(mesh, x.ndim)
@@ -100,8 +106,9 @@ class ImageTextEvaluator:
     def _load(self, name: str, set_config: Mapping[str, Any]) -> dict[str, Any] | None:
         try:
             source = image_text.make_source(set_config)
-        except (FileNotFoundError, OSError, ValueError, AssertionError) as error:
-            # A missing optional evaluation set must not stop a long run: say so once, go on.
+        except (FileNotFoundError, _dataset_not_found_error()) as error:
+            # Data that is not there (e.g. ImageNet not prepared for TFDS) must not stop a long
+            # run: say so at start-up and go on. A wrong setting raises.
             logging.warning("eval set %r is not available and is skipped: %s", name, error)
             return None
         return {

@@ -53,6 +53,10 @@ class Task(abc.ABC):
         trainer counts it. Only the ``batch_fields`` go to the devices.
         """
 
+    def prepare_evaluation(self) -> None:  # noqa: B027 - optional hook; tasks without evaluators
+        """Load and check the evaluation data before training starts, so that a wrong setting
+        fails at start-up rather than at the first evaluation, hours later."""
+
     def evaluate(self, params: Params, step: int) -> dict[str, float]:
         """Run the task's evaluators; every process calls it (the encoders are collective)."""
         del params, step

@@ -197,8 +197,7 @@ class Task(base.Task):
         )
         return str(open_clip.save_open_clip(directory, params, model_config))
 
-    def evaluate(self, params: Any, step: int) -> dict[str, float]:
-        del step
+    def prepare_evaluation(self) -> None:
         if self._evaluator is None:
             self._evaluator = image_text_eval.ImageTextEvaluator(
                 self.config.eval,
@@ -208,4 +207,8 @@ class Task(base.Task):
                 encode_images=self.encode_images,
                 encode_texts=self.encode_texts,
             )
+
+    def evaluate(self, params: Any, step: int) -> dict[str, float]:
+        del step
+        self.prepare_evaluation()
         return self._evaluator(params)
