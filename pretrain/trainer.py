@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,14 +45,42 @@ class NonFiniteLossError(RuntimeError):
 # State
 
 
+def overlay(params: Any, pretrained: Any, path: str = "") -> Any:
+    """``params`` with the subtrees given in ``pretrained`` replaced (shapes must agree)."""
+    if not isinstance(pretrained, Mapping):
+        if getattr(pretrained, "shape", None) != getattr(params, "shape", None):
+            raise ValueError(
+                f"pretrained {path or 'value'} has shape {getattr(pretrained, 'shape', None)}, "
+                f"the model expects {getattr(params, 'shape', None)}"
+            )
+        return jnp.asarray(pretrained, params.dtype)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"pretrained weights give a subtree at {path}, the model has an array")
+    unknown = set(pretrained) - set(params)
+    if unknown:
+        raise ValueError(
+            f"pretrained weights have {sorted(unknown)} under {path or '/'}: not in the model"
+        )
+    return {
+        key: overlay(value, pretrained[key], f"{path}/{key}") if key in pretrained else value
+        for key, value in params.items()
+    }
+
+
 def init_state(
     task: Task, tx: optax.GradientTransformation, seed: int, use_ema: bool
-) -> Callable[[], State]:
-    """A function building the initial train state (to be jitted with sharded outputs)."""
+) -> Callable[..., State]:
+    """A function building the initial train state (to be jitted with sharded outputs).
 
-    def build() -> State:
+    Its optional arguments are the task's frozen variables and pretrained parameter subtrees
+    (host arrays, passed as jit arguments so that they do not become compiled-in constants).
+    """
+
+    def build(frozen: Any = None, pretrained: Any = None) -> State:
         init_rng, train_rng = jax.random.split(jax.random.key(seed))
         params = task.init_params(init_rng)
+        if pretrained is not None:
+            params = overlay(params, pretrained)
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -62,6 +90,8 @@ def init_state(
         }
         if use_ema:
             state["ema_params"] = params
+        if frozen is not None:
+            state["frozen"] = frozen
         return state
 
     return build
@@ -96,7 +126,14 @@ def _tree_mean(trees: Any) -> Any:
 
 
 def accumulated_gradients(
-    task: Task, params: Any, batch: Any, rng: jax.Array, step: jax.Array, steps: int, mesh: Mesh
+    task: Task,
+    params: Any,
+    batch: Any,
+    rng: jax.Array,
+    step: jax.Array,
+    steps: int,
+    mesh: Mesh,
+    frozen: Any = None,
 ) -> tuple[tuple[jax.Array, dict], Any]:
     """((loss, metrics), grads) of the whole batch, computed ``steps`` micro-batches at a time.
 
@@ -118,7 +155,7 @@ def accumulated_gradients(
             microbatch, index = inputs
             value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
             (loss, metrics), grads = value_and_grad(
-                params, microbatch, jax.random.fold_in(rng, index), step
+                params, microbatch, jax.random.fold_in(rng, index), step, frozen
             )
             return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
 
@@ -128,7 +165,8 @@ def accumulated_gradients(
 
     micro_rng = lambda index: jax.random.fold_in(rng, index)
     embeddings = jax.lax.map(
-        lambda inputs: task.embed(params, inputs[0], micro_rng(inputs[1])), (micro, indices)
+        lambda inputs: task.embed(params, inputs[0], micro_rng(inputs[1]), frozen),
+        (micro, indices),
     )
     embeddings = jax.lax.stop_gradient(embeddings)
     merge = lambda tree: jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
@@ -137,14 +175,14 @@ def accumulated_gradients(
         microbatch, index = inputs
 
         def loss_through_microbatch(p: Any) -> tuple[jax.Array, dict]:
-            fresh = task.embed(p, microbatch, micro_rng(index))
+            fresh = task.embed(p, microbatch, micro_rng(index), frozen)
             stacked = jax.tree.map(
                 lambda old, new: jax.lax.dynamic_update_index_in_dim(old, new, index, 0),
                 embeddings,
                 fresh,
             )
             direct = jax.tree.map(lambda x: jnp.where(index == 0, x, jax.lax.stop_gradient(x)), p)
-            return task.loss_from_embeddings(direct, merge(stacked), rng, step)
+            return task.loss_from_embeddings(direct, merge(stacked), rng, step, frozen)
 
         (loss, metrics), grads = jax.value_and_grad(loss_through_microbatch, has_aux=True)(params)
         return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
@@ -165,13 +203,14 @@ def make_train_step(
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params = state["params"]
+        frozen = state.get("frozen")
         if grad_accum_steps > 1:
             (loss, metrics), grads = accumulated_gradients(
-                task, params, batch, rng, state["step"], grad_accum_steps, mesh
+                task, params, batch, rng, state["step"], grad_accum_steps, mesh, frozen
             )
         else:
             (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-                params, batch, rng, state["step"]
+                params, batch, rng, state["step"], frozen
             )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = task.project_params(optax.apply_updates(params, updates))
@@ -297,7 +336,7 @@ class StateLayout:
             for rule in config.get("sharding_rules", sharding.TRANSFORMER_MODEL_PARALLEL_RULES)
         )
         build = init_state(task, tx, int(config.seed), bool(config.get("ema_decay")))
-        abstract = jax.eval_shape(build)
+        abstract = jax.eval_shape(build, task.frozen_spec())
         return cls(build, abstract, sharding.tree_shardings(abstract, task.mesh, rules))
 
     def abstract_with_shardings(self) -> State:
@@ -308,9 +347,9 @@ class StateLayout:
             self.shardings,
         )
 
-    def initialize(self) -> State:
+    def initialize(self, frozen: Any = None, pretrained: Any = None) -> State:
         """A fresh state, every array created directly in its shards."""
-        return jax.jit(self.build, out_shardings=self.shardings)()
+        return jax.jit(self.build, out_shardings=self.shardings)(frozen, pretrained)
 
 
 class ProgressMeter:
@@ -400,7 +439,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         state = checkpointer.restore(resume_step, layout.abstract_with_shardings(), data_iterator)
         logging.info("resumed from checkpoint at step %d", resume_step)
     else:
-        state = layout.initialize()
+        state = layout.initialize(task.load_frozen(), task.load_pretrained())
     writer = MetricWriter(workdir, resume_step=resume_step)
 
     train_step = make_train_step(
@@ -436,9 +475,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         return fetched
 
     def evaluate(step: int) -> dict[str, float]:
-        results = task.evaluate(state["params"], step)
+        frozen = state.get("frozen")
+        results = task.evaluate(state["params"], step, frozen)
         if use_ema and config.eval.get("include_ema", True):
-            ema_results = task.evaluate(state["ema_params"], step)
+            ema_results = task.evaluate(state["ema_params"], step, frozen)
             results.update({f"ema/{k}": v for k, v in ema_results.items()})
         if results:
             listing = "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items()))
@@ -609,7 +649,7 @@ def evaluate_checkpoint(
     key = "ema_params" if use_ema else "params"
     if key not in state:
         raise ValueError(f"the checkpoint has no {key} (ema_decay was off)")
-    results = task.evaluate(state[key], int(jax.device_get(state["step"])))
+    results = task.evaluate(state[key], int(jax.device_get(state["step"])), state.get("frozen"))
     for name, value in sorted(results.items()):
         logging.info("%s: %.4f", name, value)
     return results

@@ -204,3 +204,19 @@ def test_batch_rows_shared_between_processes_are_refused(monkeypatch):
     monkeypatch.setattr(sharding, "batch_sharding", lambda mesh, ndim=1: SharedRows())
     with pytest.raises(ValueError, match="must stay within one host"):
         sharding.check_processes_own_distinct_rows(mesh)
+
+
+def test_pretrained_subtrees_replace_the_fresh_initialisation():
+    params = {
+        "a": {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)},
+        "c": np.ones((), np.float32),
+    }
+    out = trainer.overlay(params, {"a": {"w": np.full((2, 3), 5.0)}})
+    np.testing.assert_array_equal(out["a"]["w"], 5.0)
+    assert out["a"]["w"].dtype == np.float32
+    np.testing.assert_array_equal(out["a"]["b"], 0.0)
+    assert float(out["c"]) == 1.0
+    with pytest.raises(ValueError, match="/a/w has shape"):
+        trainer.overlay(params, {"a": {"w": np.zeros((3, 2))}})
+    with pytest.raises(ValueError, match=r"\['x'\] under /: not in the model"):
+        trainer.overlay(params, {"x": np.zeros(1)})

@@ -183,8 +183,8 @@ class PoisonedClipTask(ClipTask):
     def train_dataset(self, **kwargs):
         return PoisonedStream(super().train_dataset(**kwargs), self.POISON_FROM_BATCH)
 
-    def loss_fn(self, params, batch, rng, step):
-        loss, metrics = super().loss_fn(params, batch, rng, step)
+    def loss_fn(self, params, batch, rng, step, frozen=None):
+        loss, metrics = super().loss_fn(params, batch, rng, step, frozen)
         return loss + batch["poison"].sum(), metrics
 
 

@@ -75,6 +75,8 @@ CAPTION_CHOICES = ("random", "first")
 _logger = logging.getLogger(__name__)
 
 Tokenizer = Callable[[Sequence[str]], np.ndarray]
+# Per-example fields made in the data workers from a per-(seed, epoch, record) RNG, e.g. masks.
+ExampleExtras = Callable[[np.random.Generator], dict[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +109,15 @@ def _caption_list(value: Any) -> list[str]:
     return [caption for caption in stripped if caption]
 
 
-def image_and_captions(record: Mapping[str, Any]) -> tuple[Any, list[str]]:
+def image_and_captions(
+    record: Mapping[str, Any], require_captions: bool = True
+) -> tuple[Any, list[str]]:
     """``(image, captions)`` of a raw or decoded record; blank captions removed.
 
     The image is ``record['image_bytes']`` (raw: encoded bytes or None) or ``record['image']``
     (decoded array, or encoded bytes); captions are ``record['captions']`` (list / array of str or
-    bytes) or ``record['caption']``. A record with neither field is a schema error and raises.
+    bytes) or ``record['caption']``. A record with neither field is a schema error and raises,
+    unless ``require_captions`` is False (image-only pipelines).
     """
     if not isinstance(record, Mapping):
         raise TypeError(f"Records must be mappings, got {type(record).__name__}")
@@ -126,6 +131,8 @@ def image_and_captions(record: Mapping[str, Any]) -> tuple[Any, list[str]]:
         captions = record["captions"]
     elif "caption" in record:
         captions = record["caption"]
+    elif not require_captions:
+        captions = None
     else:
         raise KeyError(f"Record has no 'captions' or 'caption' field: {sorted(record)}")
     return image, _caption_list(captions)
@@ -150,15 +157,17 @@ class ExampleMaker:
         *,
         train: bool,
         image_size: int,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         seed: int,
         caption_choice: str = "random",
         crop_scale: tuple[float, float] = (0.9, 1.0),
         crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0),
         fast_decode: bool = True,
         num_eval_captions: int = 0,
+        example_extras: ExampleExtras | None = None,
     ):
         self.train = train
+        self.example_extras = example_extras
         self.image_size = image_size
         self.tokenizer = tokenizer
         self.seed = seed
@@ -187,10 +196,10 @@ class ExampleMaker:
 
     def __call__(self, item: tuple[int, int, Mapping[str, Any]]) -> dict[str, Any] | SkippedRecord:
         epoch, index, record = item
-        image_data, captions = image_and_captions(record)
+        image_data, captions = image_and_captions(record, self.tokenizer is not None)
         if _is_missing(image_data):
             return self._skip(index, "missing_image")
-        if not captions:
+        if self.tokenizer is not None and not captions:
             return self._skip(index, "empty_caption")
         try:
             image = transforms.decode_to_pil(image_data, min_side=self.decode_min_side)
@@ -199,19 +208,20 @@ class ExampleMaker:
         if self.train:
             rng = self.example_rng(epoch, index)
             # Drawn under both choices, so that the crop does not depend on caption_choice.
-            pick = int(rng.integers(len(captions)))
-            caption = captions[pick if self.caption_choice == "random" else 0]
+            pick = int(rng.integers(len(captions))) if captions else 0
+            caption = captions[pick if self.caption_choice == "random" else 0] if captions else ""
             pixels = transforms.random_resized_crop(
                 image, self.image_size, rng, self.crop_scale, self.crop_ratio
             )
         else:
-            caption = captions[0]
+            caption = captions[0] if captions else ""
             pixels = transforms.resize_center_crop(image, self.image_size)
-        example = {
-            "image": pixels,
-            "text": _tokens(self.tokenizer, [caption])[0],
-            "index": np.int64(index),
-        }
+        example = {"image": pixels, "index": np.int64(index)}
+        if self.tokenizer is not None:
+            example["text"] = _tokens(self.tokenizer, [caption])[0]
+        if self.example_extras is not None:
+            # Their own stream, so that adding them changes no crop or caption draw.
+            example.update(self.example_extras(np.random.default_rng([self.seed, 2, epoch, index])))
         if "label" in record:
             example["label"] = np.int32(record["label"])
         if not self.train and self.num_eval_captions > 0:
@@ -416,7 +426,7 @@ def image_text_dataset(
     seed: int,
     train: bool,
     image_size: int,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
@@ -430,6 +440,7 @@ def image_text_dataset(
     fast_decode: bool = True,
     read_options: grain.ReadOptions | None = None,
     max_consecutive_skips: int = 10_000,
+    example_extras: ExampleExtras | None = None,
 ) -> grain.IterDataset:
     """The per-process image-text batch stream; see the module docstring for order and fields.
 
@@ -439,7 +450,8 @@ def image_text_dataset(
       seed: non-negative run seed: fixes the shuffle (training) and every augmentation.
       train: shuffled, repeated, randomly cropped (True) or one in-order pass, centre crop (False).
       image_size: output height and width.
-      tokenizer: picklable callable, list of str -> int array ``(n, context_length)``.
+      tokenizer: picklable callable, list of str -> int array ``(n, context_length)``; None
+        for image-only streams (no ``text``, captions not required).
       process_index, process_count: this process's share of the data (``jax.process_index()``...).
       num_epochs: training epochs (None: forever); ignored in evaluation (one pass).
       caption_choice: training caption: 'random' (uniform, seeded) or 'first'.
@@ -451,6 +463,8 @@ def image_text_dataset(
       fast_decode: training only: decode JPEGs at reduced scale when the crop keeps its resolution.
       read_options: grain reader threads / buffer of each process (grain's defaults if None).
       max_consecutive_skips: raise when this many records in a row are bad.
+      example_extras: picklable callable adding fields to each example from its own RNG
+        (deterministic per seed, epoch and record), e.g. token masks.
     """
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
@@ -487,6 +501,7 @@ def image_text_dataset(
         crop_ratio=crop_ratio,
         fast_decode=fast_decode,
         num_eval_captions=num_eval_captions,
+        example_extras=example_extras,
     )
     examples = records.map(make_example).to_iter_dataset(read_options or grain.ReadOptions())
     batches = SkipCountingBatchIterDataset(

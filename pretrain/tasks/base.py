@@ -37,13 +37,30 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss_fn(
-        self, params: Params, batch: Batch, rng: jax.Array, step: jax.Array
+        self, params: Params, batch: Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
     ) -> tuple[jax.Array, Metrics]:
         """Global-batch loss and scalar metrics for one (micro-)batch of global arrays.
 
         ``step`` is the number of optimizer steps taken before this one (for schedules inside
-        the loss, e.g. an annealed augmentation target).
+        the loss, e.g. an annealed augmentation target); ``frozen`` holds the task's frozen
+        variables (see ``frozen_spec``).
         """
+
+    # Frozen variables (e.g. a teacher model) are read by the loss but never trained. They live
+    # in the train state (sharded like parameters, saved in checkpoints, so a resumed run does
+    # not need their source again), outside the optimizer and the EMA.
+    def frozen_spec(self) -> Any:
+        """Shapes and dtypes (ShapeDtypeStructs) of the frozen variables; cheap, no loading."""
+        return None
+
+    def load_frozen(self) -> Any:
+        """The frozen variables' values (host arrays), read once when training starts afresh."""
+        return None
+
+    def load_pretrained(self) -> Any:
+        """Parameter subtrees (host arrays, same paths and shapes as ``init_params``) that replace
+        the fresh initialisation when training starts afresh; None to train from scratch."""
+        return None
 
     @abc.abstractmethod
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
@@ -57,9 +74,9 @@ class Task(abc.ABC):
         """Load and check the evaluation data before training starts, so that a wrong setting
         fails at start-up rather than at the first evaluation, hours later."""
 
-    def evaluate(self, params: Params, step: int) -> dict[str, float]:
+    def evaluate(self, params: Params, step: int, frozen: Any = None) -> dict[str, float]:
         """Run the task's evaluators; every process calls it (the encoders are collective)."""
-        del params, step
+        del params, step, frozen
         return {}
 
     def export(self, params: Params, directory: str) -> str:
@@ -73,11 +90,16 @@ class Task(abc.ABC):
     # Tasks whose loss couples the examples of a batch (contrastive losses) can split the loss
     # into a per-example embedding and a loss over all embeddings. Gradient accumulation then
     # gives exactly the large-batch gradient (see trainer.accumulated_gradients).
-    def embed(self, params: Params, batch: Batch, rng: jax.Array) -> Any:
+    def embed(self, params: Params, batch: Batch, rng: jax.Array, frozen: Any = None) -> Any:
         raise NotImplementedError
 
     def loss_from_embeddings(
-        self, params: Params, embeddings: Any, rng: jax.Array, step: jax.Array
+        self,
+        params: Params,
+        embeddings: Any,
+        rng: jax.Array,
+        step: jax.Array,
+        frozen: Any = None,
     ) -> tuple[jax.Array, Metrics]:
         raise NotImplementedError
 

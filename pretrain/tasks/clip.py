@@ -101,7 +101,10 @@ class Task(base.Task):
 
     # -- loss ----------------------------------------------------------------------------------
 
-    def embed(self, params: Any, batch: base.Batch, rng: jax.Array) -> dict[str, jax.Array]:
+    def embed(
+        self, params: Any, batch: base.Batch, rng: jax.Array, frozen: Any = None
+    ) -> dict[str, jax.Array]:
+        del frozen
         images = batch["image"].astype(jnp.float32) / 255.0
         embeddings = {}
         if self.range_augment is not None:
@@ -114,9 +117,14 @@ class Task(base.Task):
         return embeddings
 
     def loss_from_embeddings(
-        self, params: Any, embeddings: dict[str, jax.Array], rng: jax.Array, step: jax.Array
+        self,
+        params: Any,
+        embeddings: dict[str, jax.Array],
+        rng: jax.Array,
+        step: jax.Array,
+        frozen: Any = None,
     ) -> tuple[jax.Array, base.Metrics]:
-        del rng
+        del rng, frozen
         scale = jnp.exp(params["logit_scale"])
         batch_spec = PartitionSpec(sharding.BATCH_AXES)
         loss = LOSSES[self.loss_name]
@@ -166,7 +174,7 @@ class Task(base.Task):
         return loss, metrics
 
     def loss_fn(
-        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array
+        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
     ) -> tuple[jax.Array, base.Metrics]:
         return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng, step)
 
@@ -208,7 +216,7 @@ class Task(base.Task):
                 encode_texts=self.encode_texts,
             )
 
-    def evaluate(self, params: Any, step: int) -> dict[str, float]:
-        del step
+    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
+        del step, frozen
         self.prepare_evaluation()
         return self._evaluator(params)
