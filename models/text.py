@@ -2,7 +2,8 @@
 
 tokens (B, context) int32 -> embeddings -> transformer (causal) -> ln_final -> the token at
 argmax(tokens) (end-of-text has the largest id in the CLIP vocabulary) -> @ text_projection.
-With ``causal=False`` the tower attends both ways (MobileCLIP's text encoder option).
+With ``causal=False`` the tower attends both ways (MobileCLIP's text encoder option);
+``activation="quick_gelu"`` is OpenAI CLIP's MLP activation (default: exact GELU).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TextTransformer(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(
@@ -62,6 +64,7 @@ class TextTransformer(nn.Module):
             remat_policy=self.remat_policy,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            activation=self.activation,
             name="transformer",
         )(x)
         x = nn.LayerNorm(

@@ -5,6 +5,7 @@ start-up with its name. Running again with the same workdir resumes from its las
 With the same config and workdir:
   --mode=evaluate [--step=best] [--ema]     evaluate a saved checkpoint
   --mode=export [--export_dir=DIR]          write it in PyTorch form (open_clip for CLIP)
+  --mode=compile                            compile one sharded step, no data: does it fit?
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "evaluate", "export"],
-    "train (resumes when the workdir has checkpoints); evaluate or export a saved checkpoint.",
+    ["train", "evaluate", "export", "compile"],
+    "train (resumes when the workdir has checkpoints); evaluate or export a saved checkpoint; "
+    "compile: build, shard and compile one train step without data or weights (checks a recipe "
+    "fits its devices).",
 )
 _STEP = flags.DEFINE_string("step", "latest", "evaluate/export: 'latest', 'best' or a step.")
 _EMA = flags.DEFINE_bool("ema", False, "evaluate/export: use the EMA parameters.")
@@ -57,7 +60,9 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     trainer.maybe_initialize_distributed(config)
     workdir = resolve_workdir(_WORKDIR.value)
-    if _MODE.value == "evaluate":
+    if _MODE.value == "compile":
+        trainer.compile_train_step(config)
+    elif _MODE.value == "evaluate":
         trainer.evaluate_checkpoint(config, workdir, _STEP.value, _EMA.value)
     elif _MODE.value == "export":
         directory = _EXPORT_DIR.value or os.path.join(workdir, "export", _STEP.value)

@@ -34,9 +34,13 @@ TRANSFORMER_MODEL_PARALLEL_RULES: tuple[tuple[str, tuple[str | None, ...]], ...]
     (r"attn/(query|key|value)/kernel$", (None, "model", None)),
     (r"attn/(query|key|value)/bias$", ("model", None)),
     (r"attn/out/kernel$", ("model", None, None)),
-    (r"mlp/c_fc/kernel$", (None, "model")),
-    (r"mlp/c_fc/bias$", ("model",)),
-    (r"mlp/c_proj/kernel$", ("model", None)),
+    # EVA-02's LayerNorm over the attention output keeps its (heads, head_dim) layout.
+    (r"attn/inner_norm/(scale|bias)$", ("model", None)),
+    # GELU MLP (c_fc, c_proj) and SwiGLU MLP (fc1_g, fc1_x, hidden LayerNorm norm, fc2).
+    (r"mlp/(c_fc|fc1_g|fc1_x)/kernel$", (None, "model")),
+    (r"mlp/(c_fc|fc1_g|fc1_x)/bias$", ("model",)),
+    (r"mlp/norm/(scale|bias)$", ("model",)),
+    (r"mlp/(c_proj|fc2)/kernel$", ("model", None)),
 )
 
 # Parameters smaller than this stay replicated over fsdp: sharding them saves no memory worth the

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -544,6 +545,54 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     return final_metrics
 
 
+def compile_train_step(config: ConfigDict) -> dict[str, float]:
+    """Build, shard and compile one train step of ``config`` without data or weights.
+
+    Checks that a recipe fits its mesh before a long job starts: returns XLA's FLOP count of the
+    step and the per-device memory of its arguments, outputs and temporaries (when the backend
+    reports them).
+    """
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_processes_own_distinct_rows(mesh)
+    task = build_task(config, mesh)
+    tx, schedule = make_optimizer(config)
+    grad_accum_steps = int(config.get("grad_accum_steps", 1))
+    sharding.check_batch_size(config.batch_size, mesh, grad_accum_steps)
+    layout = StateLayout.create(config, task, tx)
+    batch = {
+        name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(mesh, s.ndim))
+        for name, s in task.batch_spec(int(config.batch_size)).items()
+    }
+    step = make_train_step(
+        task,
+        tx,
+        schedule,
+        mesh,
+        grad_accum_steps=grad_accum_steps,
+        ema_decay=float(config.ema_decay) if config.get("ema_decay") else None,
+    )
+    compiled = (
+        jax.jit(step, out_shardings=(layout.shardings, None), donate_argnums=0)
+        .lower(layout.abstract_with_shardings(), batch)
+        .compile()
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    report = {
+        "parameters": float(count_params(layout.abstract["params"])),
+        "gflop_per_step": float(cost.get("flops", float("nan"))) / 1e9,
+    }
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        for name in ("argument", "output", "temp", "generated_code"):
+            value = getattr(memory, f"{name}_size_in_bytes", None)
+            if value is not None:
+                report[f"{name}_gib_per_device"] = value / 2**30
+    for name, value in report.items():
+        logging.info("compile: %s = %.4g", name, value)
+    return report
+
+
 def make_checkpointer(config: ConfigDict, workdir: str) -> Checkpointer:
     ckpt = config.checkpoint
     return Checkpointer(
@@ -575,8 +624,15 @@ def global_skipped(local_count: int) -> float:
 # Using a trained workdir: evaluation and export
 
 
-# Config sections that decide the shapes of the saved state: they must be those of training.
-STATE_DEFINING_SECTIONS = ("task", "model", "loss", "range_augment", "optimizer", "ema_decay")
+# Config fields that decide the structure and shapes of the saved state (learning rates or
+# schedules may change between runs; these may not).
+STATE_DEFINING_FIELDS = (
+    r"task$",
+    r"model\.",
+    r"loss\.",
+    r"range_augment\.(enabled|operations)$",
+    r"optimizer\.(name|layer_decay|text_layer_decay)$",
+)
 
 
 def _flatten_json(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -588,20 +644,31 @@ def _flatten_json(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """State-defining fields whose values differ; a field only one config has is not compared
+    (configs gain fields over time), except whether EMA is on."""
+    was, now = _flatten_json(saved), _flatten_json(current)
+    differences = [
+        f"  {field}: trained {was[field]!r}, now {now[field]!r}"
+        for field in sorted(set(was) & set(now))
+        if any(re.match(pattern, field) for pattern in STATE_DEFINING_FIELDS)
+        and was[field] != now[field]
+    ]
+    if bool(saved.get("ema_decay")) != bool(current.get("ema_decay")):
+        differences.append(
+            f"  ema_decay: trained {saved.get('ema_decay')!r}, now {current.get('ema_decay')!r}"
+        )
+    return differences
+
+
 def check_matches_training_config(config: ConfigDict, workdir: str) -> None:
     """Fail with the differing fields when the model described now is not the one trained."""
     saved_path = epath.Path(workdir) / "config.json"
     if not saved_path.exists():
         return
-    saved = json.loads(saved_path.read_text())
-    current = json.loads(config.to_json_best_effort())
-    differences = []
-    for section in STATE_DEFINING_SECTIONS:
-        was = _flatten_json(saved.get(section), f"{section}.")
-        now = _flatten_json(current.get(section), f"{section}.")
-        for field in sorted(set(was) | set(now)):
-            if was.get(field) != now.get(field):
-                differences.append(f"  {field}: trained {was.get(field)!r}, now {now.get(field)!r}")
+    differences = config_differences(
+        json.loads(saved_path.read_text()), json.loads(config.to_json_best_effort())
+    )
     if differences:
         raise ValueError(
             f"the config differs from the one {saved_path} was trained with:\n"

@@ -69,6 +69,27 @@ NO_TEXT_PROJECTION = {
     "logit_bias_init": None,
     "image_size": (16, 16),
 }
+# OpenAI's QuickGELU (open_clip's quick_gelu: true) in both towers, with a causal text tower.
+QUICK_GELU = {
+    "image_encoder": {
+        "patch_size": 8,
+        "width": 48,
+        "depth": 2,
+        "num_heads": 3,
+        "output_dim": 32,
+        "activation": "quick_gelu",
+    },
+    "text_encoder": {
+        "width": 64,
+        "depth": 2,
+        "num_heads": 4,
+        "context_length": 12,
+        "output_dim": 32,
+        "activation": "quick_gelu",
+    },
+    "logit_bias_init": None,
+    "image_size": (24, 24),
+}
 VIT_B16 = {
     "image_encoder": {**vit_variant("B/16"), "output_dim": 512},
     "text_encoder": {},
@@ -189,7 +210,15 @@ def np_attention(x, state, prefix, num_heads, causal):
     return np_linear(attended, state, f"{prefix}.out_proj")
 
 
-def np_transformer(x, state, prefix, num_heads, eps, causal):
+def np_gelu(x):
+    return 0.5 * x * (1 + scipy.special.erf(x / np.sqrt(2)))  # exact GELU
+
+
+def np_quick_gelu(x):
+    return x / (1 + np.exp(-1.702 * x))  # x * sigmoid(1.702 x), OpenAI's QuickGELU
+
+
+def np_transformer(x, state, prefix, num_heads, eps, causal, activation=np_gelu):
     depth = len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
     for index in range(depth):
         block = f"{prefix}{index}"
@@ -199,7 +228,7 @@ def np_transformer(x, state, prefix, num_heads, eps, causal):
         hidden = np_linear(
             np_layer_norm(x, state, f"{block}.ln_2", eps), state, f"{block}.mlp.c_fc"
         )
-        hidden = 0.5 * hidden * (1 + scipy.special.erf(hidden / np.sqrt(2)))  # exact GELU
+        hidden = activation(hidden)
         x = x + np_linear(hidden, state, f"{block}.mlp.c_proj")
     return x
 
@@ -213,6 +242,7 @@ def np_open_clip_forward(state, config, inputs) -> dict[str, np.ndarray]:
     vision_cfg, text_cfg = config["vision_cfg"], config["text_cfg"]
     vision_eps = vision_cfg.get("norm_kwargs", {}).get("eps", 1e-5)
     text_eps = text_cfg.get("norm_kwargs", {}).get("eps", 1e-5)
+    activation = np_quick_gelu if config.get("quick_gelu") else np_gelu
 
     images = inputs["images"].transpose(0, 3, 1, 2).astype(np.float64)  # NCHW, as torch takes it
     conv = state["visual.conv1.weight"]  # (width, 3, p, p)
@@ -226,7 +256,9 @@ def np_open_clip_forward(state, config, inputs) -> dict[str, np.ndarray]:
     x = np.concatenate([cls, x], axis=1) + state["visual.positional_embedding"]
     x = np_layer_norm(x, state, "visual.ln_pre", vision_eps)
     vision_heads = width // vision_cfg.get("head_width", 64)
-    x = np_transformer(x, state, "visual.transformer.resblocks.", vision_heads, vision_eps, False)
+    x = np_transformer(
+        x, state, "visual.transformer.resblocks.", vision_heads, vision_eps, False, activation
+    )
     x = np_layer_norm(x, state, "visual.ln_post", vision_eps)
     pooled = x[:, 1:].mean(1) if vision_cfg.get("pool_type", "tok") == "avg" else x[:, 0]
     image_embeds = np_normalize(pooled @ state["visual.proj"])
@@ -234,7 +266,9 @@ def np_open_clip_forward(state, config, inputs) -> dict[str, np.ndarray]:
     tokens = inputs["tokens"]
     x = state["token_embedding.weight"][tokens] + state["positional_embedding"]
     causal = not text_cfg.get("no_causal_mask", False)
-    x = np_transformer(x, state, "transformer.resblocks.", text_cfg["heads"], text_eps, causal)
+    x = np_transformer(
+        x, state, "transformer.resblocks.", text_cfg["heads"], text_eps, causal, activation
+    )
     x = np_layer_norm(x, state, "ln_final", text_eps)
     pooled = x[np.arange(len(tokens)), tokens.argmax(-1)]
     if "text_projection" in state:
@@ -285,7 +319,11 @@ def test_vit_b16_config_keys_and_parameter_count_match_open_clip():
     assert state["logit_scale"].shape == ()
 
 
-@pytest.mark.parametrize("spec", [SMALL, NO_TEXT_PROJECTION], ids=["small", "no_text_projection"])
+@pytest.mark.parametrize(
+    "spec",
+    [SMALL, NO_TEXT_PROJECTION, QUICK_GELU],
+    ids=["small", "no_text_projection", "quick_gelu"],
+)
 def test_round_trip_is_exact(spec):
     model = build_model(spec)
     params = random_params(model, spec)
@@ -302,7 +340,11 @@ def test_round_trip_is_exact(spec):
         np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("spec", [SMALL, NO_TEXT_PROJECTION], ids=["small", "no_text_projection"])
+@pytest.mark.parametrize(
+    "spec",
+    [SMALL, NO_TEXT_PROJECTION, QUICK_GELU],
+    ids=["small", "no_text_projection", "quick_gelu"],
+)
 def test_exported_state_dict_runs_like_open_clip_in_numpy(spec):
     model = build_model(spec)
     params = random_params(model, spec, seed=3)
@@ -364,7 +406,7 @@ def test_parameters_without_an_open_clip_place_are_rejected():
 @pytest.mark.parametrize(
     ("section", "field", "value"),
     [
-        (None, "quick_gelu", True),
+        (None, "nonscalar_logit_scale", True),
         ("vision_cfg", "ls_init_value", 0.1),
         ("vision_cfg", "timm_model_name", "vit_base_patch16_224"),
         ("text_cfg", "pool_type", "last"),
@@ -376,6 +418,40 @@ def test_open_clip_options_the_towers_lack_are_rejected(section, field, value):
     (config if section is None else config[section])[field] = value
     with pytest.raises(ValueError, match=field):
         export.jax_model_kwargs(config)
+
+
+def test_quick_gelu_maps_to_the_activation_both_ways():
+    model = build_model(QUICK_GELU)
+    config = config_for(model, QUICK_GELU)
+    assert config["quick_gelu"] is True
+    kwargs = export.jax_model_kwargs(config)
+    assert kwargs["image_encoder"]["activation"] == "quick_gelu"
+    assert kwargs["text_encoder"]["activation"] == "quick_gelu"
+    assert kwargs["image_encoder"] == {
+        **QUICK_GELU["image_encoder"],
+        "mlp_dim": 4 * 48,
+        "pool": "cls",
+        "layer_norm_eps": 1e-5,
+    }
+    # open_clip has one flag for both towers: towers that disagree cannot be expressed.
+    mixed = TwoTowerModel(
+        VisionTransformer(**QUICK_GELU["image_encoder"]),
+        TextTransformer(**{**QUICK_GELU["text_encoder"], "activation": "gelu"}),
+    )
+    with pytest.raises(ValueError, match="quick_gelu"):
+        config_for(mixed, QUICK_GELU)
+    # The activation really differs from exact GELU (else the parity tests would prove nothing).
+    inputs = random_inputs(2, QUICK_GELU["image_size"], 12, seed=1)
+    params = random_params(model, QUICK_GELU, seed=2)
+    gelu_model = build_model(
+        {
+            **QUICK_GELU,
+            "image_encoder": {**QUICK_GELU["image_encoder"], "activation": "gelu"},
+            "text_encoder": {**QUICK_GELU["text_encoder"], "activation": "gelu"},
+        }
+    )
+    quick, exact = jax_outputs(model, params, inputs), jax_outputs(gelu_model, params, inputs)
+    assert np.abs(quick["image_embeds"] - exact["image_embeds"]).max() > 1e-3
 
 
 def test_save_and_load_an_export_directory(tmp_path, capsys):
@@ -455,6 +531,7 @@ def assert_embeddings_close(ours: dict, theirs, what: str) -> str:
     [
         pytest.param(VIT_B16, 2, id="ViT-B-16"),
         pytest.param(SMALL, 3, id="small"),
+        pytest.param(QUICK_GELU, 2, id="quick_gelu"),
     ],
 )
 def test_open_clip_loads_the_export_and_matches(tmp_path, spec, batch, request):
@@ -495,16 +572,18 @@ def test_open_clip_loads_the_export_and_matches(tmp_path, spec, batch, request):
     [
         pytest.param("ViT-B-16", id="ViT-B-16"),
         pytest.param("small.json", id="small"),
+        pytest.param("quick_gelu.json", id="quick_gelu"),
     ],
 )
 def test_open_clip_weights_import_into_jax_and_match(tmp_path, model_spec, request):
     require_torch_env()
     started = time.perf_counter()
     if model_spec.endswith(".json"):
-        small_config = config_for(build_model(SMALL), SMALL)
-        (tmp_path / model_spec).write_text(json.dumps(small_config))
+        spec = QUICK_GELU if model_spec == "quick_gelu.json" else SMALL
+        spec_config = config_for(build_model(spec), spec)
+        (tmp_path / model_spec).write_text(json.dumps(spec_config))
         model_spec = str(tmp_path / model_spec)
-        image_size, context = SMALL["image_size"], SMALL["text_encoder"]["context_length"]
+        image_size, context = spec["image_size"], spec["text_encoder"]["context_length"]
     else:
         image_size, context = (224, 224), 77
     inputs = random_inputs(2, image_size, context, seed=7)

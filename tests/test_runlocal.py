@@ -1,6 +1,7 @@
-"""The README's main job, as a user runs it: the :runlocal CLIP learns the embedded data set.
+"""The README's main jobs, as a user runs them: the :runlocal CLIP learns the embedded data set,
+then UTA aligns a student to it as the teacher, then the contrastive fine-tuning of that student.
 
-Slow (about 5 minutes on 2 cores): run with `pytest -m slow` (CI's nightly-style stage).
+Slow (about 9 minutes on 2 cores): run with `pytest -m slow` (CI's nightly-style stage).
 """
 
 import csv
@@ -15,25 +16,61 @@ REPO = Path(__file__).resolve().parents[1]
 CHANCE = 1 / 48  # 8 colours x 6 shapes
 
 
-@pytest.mark.slow
-def test_runlocal_reaches_zero_shot_accuracy_far_above_chance(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "pretrain.main",
-        "--config=configs/clip_vitb16.py:runlocal",
-        f"--workdir={tmp_path}",
-    ]
+def run_main(config: str, workdir: Path, *overrides: str) -> dict[str, dict[int, float]]:
+    command = [sys.executable, "-m", "pretrain.main", f"--config={config}", f"--workdir={workdir}"]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False
+        [*command, *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     values: dict[str, dict[int, float]] = {}
-    with (tmp_path / "metrics.csv").open() as file:
+    with (workdir / "metrics.csv").open() as file:
         for row in csv.DictReader(file):
             values.setdefault(row["name"], {})[int(row["step"])] = float(row["value"])
-    accuracy = values["eval/scenes/zeroshot_top1"]
-    assert accuracy[1000] > 10 * CHANCE, accuracy
+    return values
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("clip_runlocal")
+    return workdir, run_main("configs/clip_vitb16.py:runlocal", workdir)
+
+
+@pytest.fixture(scope="module")
+def uta_run(tmp_path_factory, clip_run):
+    workdir = tmp_path_factory.mktemp("uta_runlocal")
+    teacher = f"--config.teacher.workdir={clip_run[0]}"
+    return workdir, run_main("configs/uta_vitl.py:runlocal", workdir, teacher)
+
+
+@pytest.mark.slow
+def test_clip_runlocal_reaches_zero_shot_accuracy_far_above_chance(clip_run):
+    values = clip_run[1]
+    assert values["eval/scenes/zeroshot_top1"][1000] > 10 * CHANCE
     loss = values["train/loss"]
     assert loss[1000] < 0.6 * loss[50], loss
+
+
+@pytest.mark.slow
+def test_uta_runlocal_aligns_to_the_teacher_and_classifies_zero_shot(uta_run):
+    values = uta_run[1]
+    loss = values["train/loss"]  # -cosine with the teacher's tokens
+    assert loss[1000] < loss[50] - 0.2, loss
+    assert values["eval/scenes/zeroshot_top1"][1000] > 10 * CHANCE
+
+
+@pytest.mark.slow
+def test_uta_contrastive_fine_tuning_keeps_zero_shot_accuracy(tmp_path, clip_run, uta_run):
+    values = run_main(
+        "configs/uta_ft_vitl.py:runlocal",
+        tmp_path,
+        f"--config.init.image_from.workdir={uta_run[0]}",
+        f"--config.init.text_from.workdir={clip_run[0]}",
+    )
+    assert values["eval/scenes/zeroshot_top1"][300] > 10 * CHANCE

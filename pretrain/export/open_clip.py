@@ -39,8 +39,21 @@ parameter tree, and ``jax_model_kwargs`` says how to build the matching JAX mode
 
 Everything is derived from the parameter tree and the config (depth from the number of blocks,
 heads from the ``(W, H, D)`` kernels), so any width, depth, patch size and image size works, not
-only ViT-B/16. Options open_clip has but this project's towers do not (QuickGELU, layer scale,
-attentional pooling, timm or Hugging Face towers...) are rejected with their config field's name.
+only ViT-B/16. ``quick_gelu: true`` (OpenAI's models) is the towers' ``activation="quick_gelu"``.
+
+EVA-CLIP (open_clip "EVA01-g-14", "EVA02-B-16", "EVA02-L-14"...): the image tower is a timm ``Eva``
+(``vision_cfg.timm_model_name``, architectures in pretrain/export/timm_trunks.py) under
+``visual.trunk.*``, mapped by pretrain/export/timm_eva.py onto the ViT's EVA options. With
+``timm_proj: null`` (all of open_clip's EVA configs) open_clip builds the trunk with
+``num_classes=embed_dim`` and ``global_pool=timm_pool``, so the projection is the trunk's
+classifier ``visual.trunk.head`` (a Linear *with* a bias: the ViT's ``proj`` and ``proj_bias``)
+and ``visual.head`` is empty; with ``timm_proj: "linear"`` it is ``visual.head.proj`` (a bias only
+with ``timm_proj_bias``). timm towers ignore ``quick_gelu`` (open_clip: "timm models always use
+native GELU"); it then applies to the text tower only. ``custom_text: true`` (CustomTextCLIP, as
+the EVA configs say) keeps the same text tower under ``text.``.
+
+Options open_clip has but this project's towers do not (layer scale, attentional pooling, other
+timm or Hugging Face towers...) are rejected with their config field's name.
 """
 
 from __future__ import annotations
@@ -53,6 +66,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pretrain.export import timm_eva, timm_trunks
 
 WEIGHTS_FILE_NAME = "open_clip_model.safetensors"
 CONFIG_FILE_NAME = "open_clip_config.json"
@@ -68,6 +83,18 @@ OPEN_CLIP_MLP_RATIO = 4.0
 # Pooling names: this project's ViT ``pool`` field -> open_clip's ``vision_cfg.pool_type``.
 _VISION_POOL_TO_OPEN_CLIP = {"cls": "tok", "gap": "avg"}
 _VISION_POOL_FROM_OPEN_CLIP = {v: k for k, v in _VISION_POOL_TO_OPEN_CLIP.items()}
+
+# The ViT's EVA-02 options (models/vit.py) at their CLIP values; other values export through timm
+# (pretrain/export/timm_eva.py), not open_clip.
+_CLIP_VIT_OPTIONS: dict[str, Any] = {
+    "pre_norm": True,
+    "patch_bias": False,
+    "use_abs_pos": True,
+    "rope": False,
+    "mlp_type": "gelu",
+    "qkv_bias": "qkv",
+    "attn_inner_norm": False,
+}
 
 # open_clip config fields whose non-default values change the network in ways this project's towers
 # cannot express. Each maps to the value(s) this mapping supports.
@@ -86,7 +113,6 @@ _UNSUPPORTED_VISION_FIELDS: dict[str, tuple[Any, ...]] = {
     "scale_attn_inner": (False,),
     "scale_attn": (False,),
     "scale_fc": (False,),
-    "timm_model_name": (None,),
 }
 _UNSUPPORTED_TEXT_FIELDS: dict[str, tuple[Any, ...]] = {
     "ls_init_value": (None,),
@@ -105,8 +131,6 @@ _UNSUPPORTED_TEXT_FIELDS: dict[str, tuple[Any, ...]] = {
     "hf_model_name": (None,),
 }
 _UNSUPPORTED_TOP_FIELDS: dict[str, tuple[Any, ...]] = {
-    "quick_gelu": (False,),
-    "custom_text": (False,),
     "nonscalar_logit_scale": (False,),
     "multimodal_cfg": (None,),
 }
@@ -150,48 +174,38 @@ def _image_size_value(image_size: int | tuple[int, int] | list[int]) -> int | li
     return height if height == width else [int(height), int(width)]
 
 
-def open_clip_model_config(
-    image_encoder: Any,
-    text_encoder: Any,
-    *,
-    image_size: int | tuple[int, int],
-    init_logit_bias: float | None = None,
-) -> dict[str, Any]:
-    """open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``...) for a JAX model.
+def _activation_of(tower: Any) -> str:
+    activation = _field(tower, "activation", "gelu") or "gelu"
+    if activation not in ("gelu", "quick_gelu"):
+        raise ValueError(f"activation {activation!r} has no open_clip equivalent")
+    return activation
 
-    ``image_encoder`` / ``text_encoder`` are the ``VisionTransformer`` / ``TextTransformer`` module
-    instances (e.g. ``model.image_encoder``) or mappings with the same field names. ``image_size``
-    is the training resolution (the ViT does not store it; its position embeddings fix it).
-    ``init_logit_bias`` is the model's ``logit_bias_init`` for a SigLIP model: its presence makes
-    open_clip create the ``logit_bias`` parameter (the exported value overwrites it).
 
-    open_clip derives the vision tower's heads as ``width // head_width``, so the config states
-    ``head_width = width / num_heads`` (any head count that divides the width round-trips); the text
-    tower takes ``heads`` directly.
-    """
-    for name in ("patch_size", "width", "depth", "num_heads"):
-        if _field(image_encoder, name) is None:
-            raise ValueError(
-                f"image_encoder has no {name!r}: only the ViT image tower exports to open_clip's "
-                "CLIP class (other towers export through timm)"
-            )
+def _native_vision_cfg(image_encoder: Any, image_size: int | tuple[int, int]) -> dict[str, Any]:
+    """``vision_cfg`` of open_clip's own ViT (the CLIP options of the project's ViT)."""
+    eva_options = {
+        name: _field(image_encoder, name, clip_value)
+        for name, clip_value in _CLIP_VIT_OPTIONS.items()
+        if _field(image_encoder, name, clip_value) != clip_value
+    }
+    if eva_options:
+        raise ValueError(
+            f"image_encoder uses EVA-02 options {eva_options} that open_clip's ViT lacks, and "
+            "no timm EVA trunk was asked for"
+        )
+    if _field(image_encoder, "proj_bias", False):
+        raise ValueError("image_encoder.proj_bias: open_clip's ViT projects without a bias")
     vision_width = int(_field(image_encoder, "width"))
     vision_heads = int(_field(image_encoder, "num_heads"))
     if vision_width % vision_heads:
         raise ValueError(f"ViT width {vision_width} is not divisible by num_heads {vision_heads}")
-    embed_dim = _field(image_encoder, "output_dim")
-    if embed_dim is None:
-        raise ValueError(
-            "image_encoder.output_dim is None: open_clip's ViT always has a `proj` matrix, so "
-            "export a model whose image tower projects to the joint embedding"
-        )
     pool = _field(image_encoder, "pool", "cls")
     if pool not in _VISION_POOL_TO_OPEN_CLIP:
         raise ValueError(
             f"ViT pool {pool!r} has no open_clip equivalent {list(_VISION_POOL_TO_OPEN_CLIP)}"
         )
     vision_mlp_dim = _field(image_encoder, "mlp_dim") or 4 * vision_width
-    vision_cfg = {
+    return {
         "image_size": _image_size_value(image_size),
         "layers": int(_field(image_encoder, "depth")),
         "width": vision_width,
@@ -201,6 +215,128 @@ def open_clip_model_config(
         "pool_type": _VISION_POOL_TO_OPEN_CLIP[pool],
         **_norm_kwargs(float(_field(image_encoder, "layer_norm_eps", OPEN_CLIP_LAYER_NORM_EPS))),
     }
+
+
+# The ViT fields a timm trunk fixes, with the ViT's defaults (models/vit.py) for a tower given as a
+# mapping that omits some; mlp_dim None means 4 * width.
+_TRUNK_VIT_FIELDS: dict[str, Any] = {
+    "patch_size": None,
+    "width": None,
+    "depth": None,
+    "num_heads": None,
+    "mlp_dim": None,
+    "pool": "cls",
+    "layer_norm_eps": 1e-5,
+    "pre_norm": True,
+    "patch_bias": False,
+    "use_abs_pos": True,
+    "rope": False,
+    "rope_theta": 10000.0,
+    "rope_ref_grid": None,
+    "mlp_type": "gelu",
+    "qkv_bias": "qkv",
+    "attn_inner_norm": False,
+    "activation": "gelu",
+}
+
+
+def _comparable_vit_fields(vit: Any) -> dict[str, Any]:
+    fields = {name: _field(vit, name, default) for name, default in _TRUNK_VIT_FIELDS.items()}
+    fields["mlp_dim"] = int(fields["mlp_dim"] or 4 * int(fields["width"]))
+    fields["layer_norm_eps"] = float(fields["layer_norm_eps"])
+    if fields["rope"]:
+        ref = fields["rope_ref_grid"]
+        fields["rope_ref_grid"] = None if ref is None else _as_pair(ref)
+        fields["rope_theta"] = float(fields["rope_theta"])
+    else:
+        del fields["rope_ref_grid"], fields["rope_theta"]
+    return fields
+
+
+def _trunk_vision_cfg(
+    image_encoder: Any, image_size: int | tuple[int, int], timm_model_name: str | None
+) -> dict[str, Any]:
+    """``vision_cfg`` of a timm EVA trunk with the image encoder's architecture: the given
+    ``timm_model_name``, else the first of timm_trunks.TIMM_EVA_TRUNKS that matches exactly."""
+    embed_dim = int(_field(image_encoder, "output_dim"))
+    wanted = _comparable_vit_fields(image_encoder)
+    candidates = [timm_model_name] if timm_model_name else list(timm_trunks.TIMM_EVA_TRUNKS)
+    mismatches = []
+    for name in candidates:
+        vision_cfg = {
+            "image_size": _image_size_value(image_size),
+            "timm_model_name": name,
+            "timm_model_pretrained": False,
+            "timm_pool": "token" if wanted["pool"] == "cls" else "avg",
+            "timm_proj": None,
+        }
+        try:
+            wiring = timm_trunk_wiring(vision_cfg, embed_dim)
+        except ValueError as error:
+            mismatches.append(f"{name}: {error}")
+            continue
+        built = _comparable_vit_fields(wiring["image_encoder"])
+        differences = {k: (wanted[k], built.get(k)) for k in wanted if wanted[k] != built.get(k)}
+        if not differences:
+            return vision_cfg
+        mismatches.append(f"{name}: (ours, trunk's) differ in {differences}")
+    raise ValueError(
+        "no timm EVA trunk has the image encoder's architecture; name one with "
+        "timm_model_name= (e.g. local-dir:/path to a timm config.json written by "
+        "pretrain.export.timm_eva.save_timm). Tried: " + "; ".join(mismatches)
+    )
+
+
+def open_clip_model_config(
+    image_encoder: Any,
+    text_encoder: Any,
+    *,
+    image_size: int | tuple[int, int],
+    init_logit_bias: float | None = None,
+    timm_model_name: str | None = None,
+) -> dict[str, Any]:
+    """open_clip's model config (``embed_dim``, ``vision_cfg``, ``text_cfg``...) for a JAX model.
+
+    ``image_encoder`` / ``text_encoder`` are the ``VisionTransformer`` / ``TextTransformer`` module
+    instances (e.g. ``model.image_encoder``) or mappings with the same field names. ``image_size``
+    is the training resolution (the ViT does not store it; its position embeddings fix it).
+    ``init_logit_bias`` is the model's ``logit_bias_init`` for a SigLIP model: its presence makes
+    open_clip create the ``logit_bias`` parameter (the exported value overwrites it).
+
+    A CLIP-style ViT becomes open_clip's own ViT. open_clip derives its heads as
+    ``width // head_width``, so the config states ``head_width = width / num_heads`` (any head
+    count that divides the width round-trips); the text tower takes ``heads`` directly. An
+    EVA-style ViT (or any ViT when ``timm_model_name`` is given) becomes a timm trunk with its
+    classifier head as the projection (``timm_proj: null``, ``custom_text: true``, as open_clip's
+    EVA configs): ``timm_model_name`` names it (a timm_trunks.TIMM_EVA_TRUNKS name or
+    ``local-dir:/path``), else the registered trunk with exactly this architecture is found.
+    """
+    for name in ("patch_size", "width", "depth", "num_heads"):
+        if _field(image_encoder, name) is None:
+            raise ValueError(
+                f"image_encoder has no {name!r}: only the ViT image tower exports to open_clip's "
+                "CLIP class (other towers export through timm)"
+            )
+    embed_dim = _field(image_encoder, "output_dim")
+    if embed_dim is None:
+        raise ValueError(
+            "image_encoder.output_dim is None: open_clip's ViT always has a `proj` matrix, so "
+            "export a model whose image tower projects to the joint embedding"
+        )
+    is_clip_vit = all(
+        _field(image_encoder, name, clip_value) == clip_value
+        for name, clip_value in _CLIP_VIT_OPTIONS.items()
+    )
+    text_activation = _activation_of(text_encoder)
+    if is_clip_vit and timm_model_name is None:
+        vision_cfg = _native_vision_cfg(image_encoder, image_size)
+        if _activation_of(image_encoder) != text_activation:
+            raise ValueError(
+                f"image activation {_activation_of(image_encoder)!r} != text activation "
+                f"{text_activation!r}: open_clip has one quick_gelu flag for both towers"
+            )
+    else:
+        vision_cfg = _trunk_vision_cfg(image_encoder, image_size, timm_model_name)
 
     text_width = int(_field(text_encoder, "width"))
     text_mlp_dim = _field(text_encoder, "mlp_dim") or 4 * text_width
@@ -228,10 +364,12 @@ def open_clip_model_config(
     }
     config: dict[str, Any] = {
         "embed_dim": int(embed_dim),
-        "quick_gelu": False,  # the project's MLPs use exact (erf) GELU
+        "quick_gelu": text_activation == "quick_gelu",
         "vision_cfg": vision_cfg,
         "text_cfg": text_cfg,
     }
+    if "timm_model_name" in vision_cfg:
+        config["custom_text"] = True
     if init_logit_bias is not None:
         config["init_logit_bias"] = float(init_logit_bias)
     return config
@@ -240,23 +378,26 @@ def open_clip_model_config(
 def _check_supported(model_config: Mapping[str, Any]) -> None:
     """Reject open_clip options that change the network in ways the JAX towers cannot express."""
     problems = []
+    vision_cfg = model_config.get("vision_cfg", {})
+    # open_clip builds a timm tower from timm_* fields alone ("a valid model name overrides
+    # layers, width, patch_size"); timm_trunk_wiring checks those.
+    is_timm = bool(vision_cfg.get("timm_model_name"))
     for section, fields in (
         (model_config, _UNSUPPORTED_TOP_FIELDS),
-        (model_config.get("vision_cfg", {}), _UNSUPPORTED_VISION_FIELDS),
+        ({} if is_timm else vision_cfg, _UNSUPPORTED_VISION_FIELDS),
         (model_config.get("text_cfg", {}), _UNSUPPORTED_TEXT_FIELDS),
     ):
         for name, supported in fields.items():
             if section.get(name, supported[0]) not in supported:
                 problems.append(f"{name}={section[name]!r}")
-    vision_cfg = model_config.get("vision_cfg", {})
-    if isinstance(vision_cfg.get("layers", 12), list | tuple):
+    if not is_timm and isinstance(vision_cfg.get("layers", 12), list | tuple):
         problems.append("vision_cfg.layers is a list (a ResNet image tower)")
-    for section_name in ("vision_cfg", "text_cfg"):
+    for section_name in ("text_cfg",) if is_timm else ("vision_cfg", "text_cfg"):
         norm_kwargs = model_config.get(section_name, {}).get("norm_kwargs") or {}
         if set(norm_kwargs) - {"eps"}:
             problems.append(f"{section_name}.norm_kwargs={norm_kwargs!r} (only eps is supported)")
     patch_size = vision_cfg.get("patch_size", 16)
-    if isinstance(patch_size, list | tuple) and len(set(patch_size)) != 1:
+    if not is_timm and isinstance(patch_size, list | tuple) and len(set(patch_size)) != 1:
         problems.append(f"non-square patch_size={patch_size!r}")
     if problems:
         raise ValueError(
@@ -270,6 +411,66 @@ def _as_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
         return value, value
     height, width = value
     return int(height), int(width)
+
+
+def _resolved_norms(args: Mapping[str, Any]) -> dict[str, bool]:
+    """timm Eva's norm placement, fixed at construction from the pool it was built with."""
+    global_pool = args.get("global_pool", "avg")
+    fc_norm = args.get("use_fc_norm")
+    fc_norm = global_pool == "avg" if fc_norm is None else bool(fc_norm)
+    post_norm = args.get("use_post_transformer_norm")
+    post_norm = (not fc_norm) if post_norm is None else bool(post_norm)
+    return {"use_fc_norm": fc_norm, "use_post_transformer_norm": post_norm}
+
+
+def timm_trunk_wiring(vision_cfg: Mapping[str, Any], embed_dim: int) -> dict[str, Any]:
+    """How open_clip's ``TimmModel`` builds a timm EVA image tower from ``vision_cfg``.
+
+    Returns ``{"trunk_args": timm Eva kwargs of visual.trunk, "projection": "trunk_head" |
+    "head_proj" | None, "proj_bias": bool, "image_encoder": VisionTransformer kwargs,
+    "image_size": (height, width)}``. The rules are TimmModel's: ``timm_proj`` null/"" or "none"
+    -> the trunk is created with ``num_classes=embed_dim`` (0 for "none") and
+    ``global_pool=timm_pool``, its classifier ``head`` (Linear with bias) projects; "linear" ->
+    the trunk is created with its own defaults, then ``reset_classifier(0, global_pool=timm_pool)``
+    (the norm placement stays that of construction) and ``visual.head.proj`` projects.
+    """
+    name = vision_cfg["timm_model_name"]
+    base = timm_trunks.trunk_model_args(name)
+    pool = vision_cfg.get("timm_pool", "avg")
+    proj = vision_cfg.get("timm_proj", "linear")
+    if pool not in ("token", "avg"):
+        raise ValueError(f"timm_pool={pool!r}: the ViT pools with 'token' or 'avg'")
+    if proj not in (None, "", "none", "linear"):
+        raise ValueError(f"timm_proj={proj!r}: supported are null, 'none' and 'linear'")
+    if proj == "linear":
+        trunk_args = {**base, **_resolved_norms(base), "global_pool": pool, "num_classes": 0}
+        projection = "head_proj"
+        proj_bias = bool(vision_cfg.get("timm_proj_bias", False))
+    else:
+        num_classes = 0 if proj == "none" else int(embed_dim)
+        trunk_args = {**base, "global_pool": pool, "num_classes": num_classes}
+        projection = "trunk_head" if num_classes else None
+        proj_bias = bool(num_classes)
+    try:
+        vit = timm_eva.vit_kwargs_from_timm(trunk_args)
+    except ValueError as error:
+        raise ValueError(f"timm_model_name={name!r}: {error}") from error
+    trunk_size = vit.pop("image_size")
+    image_size = _as_pair(vision_cfg.get("image_size", 224))
+    if image_size != trunk_size:
+        raise ValueError(
+            f"vision_cfg.image_size {image_size} != {name}'s img_size {trunk_size} (open_clip "
+            "does not pass the image size to a timm trunk)"
+        )
+    vit["output_dim"] = int(embed_dim) if projection else None
+    vit["proj_bias"] = proj_bias
+    return {
+        "trunk_args": trunk_args,
+        "projection": projection,
+        "proj_bias": proj_bias,
+        "image_encoder": vit,
+        "image_size": image_size,
+    }
 
 
 def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -287,20 +488,30 @@ def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     vision_cfg = model_config["vision_cfg"]
     text_cfg = model_config["text_cfg"]
     embed_dim = int(model_config["embed_dim"])
-    vision_width = int(vision_cfg.get("width", 768))
-    head_width = int(vision_cfg.get("head_width", OPEN_CLIP_HEAD_WIDTH))
+    activation = "quick_gelu" if model_config.get("quick_gelu", False) else "gelu"
+    if vision_cfg.get("timm_model_name"):
+        wiring = timm_trunk_wiring(vision_cfg, embed_dim)
+        # timm towers keep their own (exact) GELU whatever quick_gelu says.
+        image_encoder = wiring["image_encoder"]
+        image_size = wiring["image_size"]
+    else:
+        vision_width = int(vision_cfg.get("width", 768))
+        head_width = int(vision_cfg.get("head_width", OPEN_CLIP_HEAD_WIDTH))
+        image_encoder = {
+            "patch_size": _as_pair(vision_cfg.get("patch_size", 16))[0],
+            "width": vision_width,
+            "depth": int(vision_cfg.get("layers", 12)),
+            "num_heads": vision_width // head_width,
+            "mlp_dim": int(vision_width * vision_cfg.get("mlp_ratio", OPEN_CLIP_MLP_RATIO)),
+            "output_dim": embed_dim,
+            "pool": _VISION_POOL_FROM_OPEN_CLIP[vision_cfg.get("pool_type", "tok")],
+            "layer_norm_eps": _eps(vision_cfg),
+        }
+        if activation != "gelu":
+            image_encoder["activation"] = activation
+        image_size = _as_pair(vision_cfg.get("image_size", 224))
     text_width = int(text_cfg.get("width", 512))
     no_text_projection = text_cfg.get("proj_type", "linear") == "none"
-    image_encoder = {
-        "patch_size": _as_pair(vision_cfg.get("patch_size", 16))[0],
-        "width": vision_width,
-        "depth": int(vision_cfg.get("layers", 12)),
-        "num_heads": vision_width // head_width,
-        "mlp_dim": int(vision_width * vision_cfg.get("mlp_ratio", OPEN_CLIP_MLP_RATIO)),
-        "output_dim": embed_dim,
-        "pool": _VISION_POOL_FROM_OPEN_CLIP[vision_cfg.get("pool_type", "tok")],
-        "layer_norm_eps": _eps(vision_cfg),
-    }
     text_encoder = {
         "width": text_width,
         "depth": int(text_cfg.get("layers", 12)),
@@ -312,11 +523,13 @@ def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         "causal": not text_cfg.get("no_causal_mask", False),
         "layer_norm_eps": _eps(text_cfg),
     }
+    if activation != "gelu":
+        text_encoder["activation"] = activation
     return {
         "image_encoder": image_encoder,
         "text_encoder": text_encoder,
         "logit_bias_init": model_config.get("init_logit_bias"),
-        "image_size": _as_pair(vision_cfg.get("image_size", 224)),
+        "image_size": image_size,
     }
 
 
@@ -341,18 +554,9 @@ def _block_shapes(prefix: str, width: int, mlp_dim: int) -> dict[str, tuple[int,
     }
 
 
-def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes of the state dict open_clip's ``CLIP`` class builds from a config.
-
-    Written from open_clip's module layout, independently of the parameter mapping, so that a
-    config and a set of weights that disagree fail at export time instead of at the user's
-    ``load_state_dict``.
-    """
-    kwargs = jax_model_kwargs(model_config)
-    vision, text = kwargs["image_encoder"], kwargs["text_encoder"]
-    image_height, image_width = kwargs["image_size"]
+def _native_vision_shapes(vision: Mapping[str, Any], image_size: tuple[int, int]) -> dict:
     patch = vision["patch_size"]
-    grid = (image_height // patch) * (image_width // patch)
+    grid = (image_size[0] // patch) * (image_size[1] // patch)
     width = vision["width"]
     shapes: dict[str, tuple[int, ...]] = {
         "visual.class_embedding": (width,),
@@ -367,20 +571,57 @@ def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tu
             _block_shapes(f"visual.transformer.resblocks.{index}", width, vision["mlp_dim"])
         )
     shapes.update({"visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,)})
+    return shapes
+
+
+def _trunk_vision_shapes(wiring: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    shapes = {
+        f"visual.trunk.{key}": shape
+        for key, shape in timm_trunks.trunk_state_dict_shapes(wiring["trunk_args"]).items()
+    }
+    if wiring["projection"] == "head_proj":
+        vit = wiring["image_encoder"]
+        shapes["visual.head.proj.weight"] = (vit["output_dim"], vit["width"])
+        if wiring["proj_bias"]:
+            shapes["visual.head.proj.bias"] = (vit["output_dim"],)
+    return shapes
+
+
+def _text_key(key: str, custom_text: bool) -> str:
+    return f"text.{key}" if custom_text else key
+
+
+def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the state dict open_clip's ``CLIP`` (or ``CustomTextCLIP``, with
+    ``custom_text``) class builds from a config.
+
+    Written from open_clip's module layout, independently of the parameter mapping, so that a
+    config and a set of weights that disagree fail at export time instead of at the user's
+    ``load_state_dict``.
+    """
+    kwargs = jax_model_kwargs(model_config)
+    vision_cfg = model_config["vision_cfg"]
+    if vision_cfg.get("timm_model_name"):
+        shapes = _trunk_vision_shapes(timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"])))
+    else:
+        shapes = _native_vision_shapes(kwargs["image_encoder"], kwargs["image_size"])
+    text = kwargs["text_encoder"]
     text_width = text["width"]
-    shapes.update(
-        {
-            "positional_embedding": (text["context_length"], text_width),
-            "token_embedding.weight": (text["vocab_size"], text_width),
-            "ln_final.weight": (text_width,),
-            "ln_final.bias": (text_width,),
-            "logit_scale": (),
-        }
-    )
+    text_shapes: dict[str, tuple[int, ...]] = {
+        "positional_embedding": (text["context_length"], text_width),
+        "token_embedding.weight": (text["vocab_size"], text_width),
+        "ln_final.weight": (text_width,),
+        "ln_final.bias": (text_width,),
+    }
     if text["output_dim"] is not None:
-        shapes["text_projection"] = (text_width, text["output_dim"])
+        text_shapes["text_projection"] = (text_width, text["output_dim"])
     for index in range(text["depth"]):
-        shapes.update(_block_shapes(f"transformer.resblocks.{index}", text_width, text["mlp_dim"]))
+        text_shapes.update(
+            _block_shapes(f"transformer.resblocks.{index}", text_width, text["mlp_dim"])
+        )
+    custom_text = bool(model_config.get("custom_text", False))
+    shapes.update({_text_key(key, custom_text): shape for key, shape in text_shapes.items()})
+    shapes["logit_scale"] = ()
     if kwargs["logit_bias_init"] is not None:
         shapes["logit_bias"] = ()
     return shapes
@@ -510,6 +751,11 @@ def _transformer_to_torch(params: _Consumer, jax_prefix: str, torch_prefix: str)
 
 def _vision_to_torch(params: _Consumer) -> StateDict:
     take = params.take
+    if not params.has("image_encoder/ln_pre/scale") or params.has("image_encoder/conv1/bias"):
+        raise ValueError(
+            "image_encoder is not open_clip's ViT (EVA options): pass the model_config of a timm "
+            "trunk (open_clip_model_config(...)) to export it under visual.trunk"
+        )
     state = {
         "visual.class_embedding": take("image_encoder/class_embedding"),
         "visual.positional_embedding": take("image_encoder/positional_embedding"),
@@ -522,6 +768,40 @@ def _vision_to_torch(params: _Consumer) -> StateDict:
     if not params.has("image_encoder/proj"):
         raise ValueError("image_encoder has no `proj`: open_clip's ViT always projects")
     state["visual.proj"] = take("image_encoder/proj")
+    return state
+
+
+def _vision_trunk_to_torch(params: _Consumer, wiring: Mapping[str, Any]) -> StateDict:
+    """The ViT as open_clip's timm trunk (``visual.trunk.*``) and projection (see the wiring)."""
+    image = _unflatten(
+        {
+            key.removeprefix("image_encoder/"): params.take(key)
+            for key in params.keys_under("image_encoder/")
+        }
+    )
+    proj_bias = image.pop("proj_bias", None)
+    # timm_eva maps the bias-free projection to head.weight with a zero head.bias.
+    trunk = timm_eva.to_timm_state_dict(image)
+    state: StateDict = {}
+    projection = wiring["projection"]
+    if projection is None and "head.weight" in trunk:
+        raise ValueError("image_encoder has a `proj`, but the trunk's config has no projection")
+    if projection == "trunk_head" and proj_bias is not None:
+        trunk["head.bias"] = proj_bias
+    if projection == "head_proj":
+        state["visual.head.proj.weight"] = trunk.pop("head.weight")
+        trunk.pop("head.bias")
+        if wiring["proj_bias"]:
+            state["visual.head.proj.bias"] = (
+                np.zeros(state["visual.head.proj.weight"].shape[0], np.float32)
+                if proj_bias is None
+                else proj_bias
+            )
+        elif proj_bias is not None and np.any(proj_bias != 0):
+            raise ValueError("image_encoder/proj_bias is non-zero, but timm_proj_bias is false")
+    if wiring["trunk_args"].get("qkv_fused", True):
+        trunk = timm_trunks.fuse_qkv(trunk)
+    state.update({f"visual.trunk.{key}": value for key, value in trunk.items()})
     return state
 
 
@@ -556,17 +836,31 @@ def to_open_clip_state_dict(
     ``params`` is the ``params`` collection (or the ``variables`` dict holding it), with JAX or
     NumPy leaves; they must be fully addressable (gather sharded arrays first). Every leaf must map:
     a parameter open_clip has no place for raises ``ValueError``. When ``model_config`` is given,
-    the result is checked against the keys and shapes that config builds in open_clip.
+    the result is checked against the keys and shapes that config builds in open_clip; it is
+    required for an image tower exported as a timm trunk, and its ``custom_text`` puts the text
+    tower under ``text.`` (CustomTextCLIP).
     """
     convert = lambda value: np.asarray(value, dtype=dtype)
     params_consumer = _Consumer(_flatten(_unwrap_variables(params)), convert)
-    state = {**_vision_to_torch(params_consumer), **_text_to_torch(params_consumer)}
+    vision_cfg = (model_config or {}).get("vision_cfg", {})
+    if vision_cfg.get("timm_model_name"):
+        wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
+        state = _vision_trunk_to_torch(params_consumer, wiring)
+    else:
+        state = _vision_to_torch(params_consumer)
+    custom_text = bool((model_config or {}).get("custom_text", False))
+    state.update(
+        {
+            _text_key(key, custom_text): value
+            for key, value in _text_to_torch(params_consumer).items()
+        }
+    )
     state["logit_scale"] = params_consumer.take("logit_scale")
     if params_consumer.has("logit_bias"):
         state["logit_bias"] = params_consumer.take("logit_bias")
     params_consumer.check_all_taken("JAX parameter")
     # Transposes leave strided views; safetensors and torch want contiguous buffers.
-    state = {key: np.asarray(value, order="C") for key, value in state.items()}
+    state = {key: np.asarray(value, dtype=dtype, order="C") for key, value in state.items()}
     if model_config is not None:
         check_state_dict_matches_config(state, model_config)
     return state
@@ -622,6 +916,67 @@ def _transformer_from_torch(
     return flat
 
 
+def _vision_from_torch(state: _Consumer, num_heads: int) -> StateDict:
+    take = state.take
+    return {
+        "image_encoder/class_embedding": take("visual.class_embedding"),
+        "image_encoder/positional_embedding": take("visual.positional_embedding"),
+        "image_encoder/conv1/kernel": take("visual.conv1.weight").transpose(2, 3, 1, 0),
+        **_layer_norm_from_torch(take, "visual.ln_pre", "image_encoder/ln_pre"),
+        **_transformer_from_torch(
+            state, "visual.transformer.", "image_encoder/transformer/", num_heads
+        ),
+        **_layer_norm_from_torch(take, "visual.ln_post", "image_encoder/ln_post"),
+        "image_encoder/proj": take("visual.proj"),
+    }
+
+
+def _vision_trunk_from_torch(state: _Consumer, wiring: Mapping[str, Any]) -> StateDict:
+    trunk = timm_trunks.split_qkv(
+        {
+            key.removeprefix("visual.trunk."): state.take(key)
+            for key in state.keys_under("visual.trunk.")
+        }
+    )
+    proj_bias = None
+    if wiring["projection"] == "trunk_head":
+        # timm_eva reads a bias-free projection; the head's bias becomes the ViT's proj_bias.
+        proj_bias = trunk["head.bias"]
+        trunk["head.bias"] = np.zeros_like(proj_bias)
+    image = timm_eva.from_timm_state_dict(trunk, model_args=wiring["trunk_args"])
+    flat = {f"image_encoder/{key}": value for key, value in _flatten(image).items()}
+    if wiring["projection"] == "head_proj":
+        flat["image_encoder/proj"] = state.take("visual.head.proj.weight").T
+        if wiring["proj_bias"]:
+            proj_bias = state.take("visual.head.proj.bias")
+    if proj_bias is not None:
+        flat["image_encoder/proj_bias"] = proj_bias
+    return flat
+
+
+# State-dict entries that are not parameters: OpenAI's checkpoints record these hyper-parameters
+# as tensors, and older timm versions saved the (recomputed) rotary tables of EVA trunks.
+_DERIVED_ENTRIES = re.compile(
+    r"(input_resolution|context_length|vocab_size|visual\.trunk\.rope\..*)"
+)
+
+
+def _in_config_layout(
+    state_dict: Mapping[str, Any], model_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Text keys as the config's model class has them: under ``text.`` for CustomTextCLIP, at the
+    top for CLIP (open_clip itself converts between the two when loading); derived entries
+    dropped."""
+    custom_text = bool(model_config.get("custom_text", False))
+    return {
+        _text_key(
+            key.removeprefix("text."), custom_text and not key.startswith(("visual.", "logit_"))
+        ): value
+        for key, value in state_dict.items()
+        if not _DERIVED_ENTRIES.fullmatch(key)
+    }
+
+
 def _strip_custom_text_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """open_clip's CustomTextCLIP keeps the (same) text tower under ``text.``; CLIP at the top."""
     return {key.removeprefix("text."): value for key, value in state_dict.items()}
@@ -633,37 +988,40 @@ def from_open_clip_state_dict(
     model_config: Mapping[str, Any],
     dtype: Any = np.float32,
 ) -> dict[str, Any]:
-    """Map an open_clip ``CLIP`` state dict (NumPy arrays) to this project's ``params`` tree.
+    """Map an open_clip ``CLIP`` / ``CustomTextCLIP`` state dict (NumPy arrays) to this project's
+    ``params`` tree.
 
-    The config is needed for the head counts, which a state dict does not record. The exact inverse
-    of :func:`to_open_clip_state_dict`: a round trip returns the same arrays.
+    The config is needed for the head counts, which a state dict does not record, and for a timm
+    trunk's architecture. The exact inverse of :func:`to_open_clip_state_dict`: a round trip
+    returns the same arrays.
     """
-    state_dict = _strip_custom_text_prefix(state_dict)
+    state_dict = _in_config_layout(state_dict, model_config)
     check_state_dict_matches_config(state_dict, model_config)
     kwargs = jax_model_kwargs(model_config)
-    state = _Consumer(state_dict, lambda value: np.asarray(value, dtype=dtype))
+    state = _Consumer(
+        _strip_custom_text_prefix(state_dict), lambda value: np.asarray(value, dtype=dtype)
+    )
     take = state.take
-    flat: StateDict = {
-        "image_encoder/class_embedding": take("visual.class_embedding"),
-        "image_encoder/positional_embedding": take("visual.positional_embedding"),
-        "image_encoder/conv1/kernel": take("visual.conv1.weight").transpose(2, 3, 1, 0),
-        **_layer_norm_from_torch(take, "visual.ln_pre", "image_encoder/ln_pre"),
-        **_transformer_from_torch(
-            state,
-            "visual.transformer.",
-            "image_encoder/transformer/",
-            kwargs["image_encoder"]["num_heads"],
-        ),
-        **_layer_norm_from_torch(take, "visual.ln_post", "image_encoder/ln_post"),
-        "image_encoder/proj": take("visual.proj"),
-        "text_encoder/token_embedding/embedding": take("token_embedding.weight"),
-        "text_encoder/positional_embedding": take("positional_embedding"),
-        **_transformer_from_torch(
-            state, "transformer.", "text_encoder/transformer/", kwargs["text_encoder"]["num_heads"]
-        ),
-        **_layer_norm_from_torch(take, "ln_final", "text_encoder/ln_final"),
-        "logit_scale": take("logit_scale"),
-    }
+    vision_cfg = model_config["vision_cfg"]
+    if vision_cfg.get("timm_model_name"):
+        wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
+        flat = _vision_trunk_from_torch(state, wiring)
+    else:
+        flat = _vision_from_torch(state, kwargs["image_encoder"]["num_heads"])
+    flat.update(
+        {
+            "text_encoder/token_embedding/embedding": take("token_embedding.weight"),
+            "text_encoder/positional_embedding": take("positional_embedding"),
+            **_transformer_from_torch(
+                state,
+                "transformer.",
+                "text_encoder/transformer/",
+                kwargs["text_encoder"]["num_heads"],
+            ),
+            **_layer_norm_from_torch(take, "ln_final", "text_encoder/ln_final"),
+            "logit_scale": take("logit_scale"),
+        }
+    )
     if state.has("text_projection"):
         flat["text_encoder/text_projection"] = take("text_projection")
     if state.has("logit_bias"):
@@ -753,8 +1111,16 @@ def _load_torch_file(path: Path) -> StateDict:
     try:
         import torch
     except ImportError as error:
+        # The JAX environment has no torch on purpose (its CUDA wheels conflict with JAX's).
         raise ImportError(
-            f"reading {path.name} needs PyTorch (`pip install torch`); safetensors files do not"
+            f"reading {path} needs PyTorch, which this environment does not have; safetensors "
+            'files do not. Convert it once where torch is installed: python -c "import torch; '
+            "from safetensors.torch import save_file; "
+            f"sd = torch.load('{path}', map_location='cpu'); "
+            "sd = sd.get('state_dict', sd); "
+            "save_file({k.removeprefix('module.'): v.contiguous() for k, v in sd.items() "
+            f"if torch.is_tensor(v)}}, '{path.with_name(WEIGHTS_FILE_NAME)}')\" "
+            "(or pip install torch, CPU wheel)"
         ) from error
     checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     # open_clip training checkpoints wrap the weights; DDP prefixes every key with "module.".
@@ -779,20 +1145,66 @@ def load_open_clip_weights(path: str | Path) -> StateDict:
     )
 
 
-def _find_weights(path_dir: Path) -> Path:
-    preferred = [WEIGHTS_FILE_NAME, "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth"]
-    for name in preferred:
+# The names open_clip and the Hugging Face Hub give the weights of a model, in order of preference.
+WEIGHTS_FILE_NAMES = (
+    WEIGHTS_FILE_NAME,
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def find_open_clip_weights(path_dir: str | Path) -> Path:
+    """The weights file of a model directory: one of :data:`WEIGHTS_FILE_NAMES` (open_clip's and
+    the Hub's names, safetensors first), else its only ``.safetensors``/``.bin``/``.pt``/``.pth``
+    file."""
+    path_dir = Path(path_dir)
+    for name in WEIGHTS_FILE_NAMES:
         if (path_dir / name).is_file():
             return path_dir / name
-    raise FileNotFoundError(f"no open_clip weights ({', '.join(preferred)}) in {path_dir}")
+    candidates = sorted(
+        path for path in path_dir.iterdir() if path.is_file() and path.suffix in WEIGHTS_SUFFIXES
+    )
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FileNotFoundError(
+            f"no open_clip weights in {path_dir}: expected {', '.join(WEIGHTS_FILE_NAMES)} or a "
+            f"single file ending in {', '.join(WEIGHTS_SUFFIXES)}"
+        )
+    raise FileNotFoundError(
+        f"several weight files in {path_dir} ({', '.join(p.name for p in candidates)}): keep one, "
+        f"or name it {WEIGHTS_FILE_NAME}"
+    )
 
 
-def load_open_clip(path_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read an open_clip export directory (ours or a Hub snapshot): ``(model_cfg, params)``."""
-    path_dir = Path(path_dir)
-    config = json.loads((path_dir / CONFIG_FILE_NAME).read_text())
-    model_config = config.get("model_cfg", config)
-    state_dict = load_open_clip_weights(_find_weights(path_dir))
+def read_model_config(path_dir: str | Path) -> dict[str, Any] | None:
+    """The model config of ``path_dir/open_clip_config.json`` (``{"model_cfg": ...}`` or a bare
+    model config), or ``None`` when the directory has none."""
+    config_path = Path(path_dir) / CONFIG_FILE_NAME
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    return config.get("model_cfg", config)
+
+
+def load_open_clip(
+    path_dir: str | Path, model_config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read an open_clip model directory (ours or a Hub snapshot): ``(model_cfg, params)``.
+
+    ``model_config`` (e.g. from pretrain/export/open_clip_configs.py) replaces the directory's
+    ``open_clip_config.json``, which is then not needed.
+    """
+    if model_config is None:
+        model_config = read_model_config(path_dir)
+        if model_config is None:
+            raise FileNotFoundError(
+                f"{path_dir} has no {CONFIG_FILE_NAME}: pass the model config (or, for a teacher, "
+                "name the model with teacher.open_clip_model)"
+            )
+    model_config = dict(model_config)
+    state_dict = load_open_clip_weights(find_open_clip_weights(path_dir))
     return model_config, from_open_clip_state_dict(state_dict, model_config=model_config)
 
 
@@ -818,7 +1230,7 @@ or, with a named config (written by save_open_clip(..., name=NAME)):
 def _check_directory(path_dir: Path) -> None:
     config = json.loads((path_dir / CONFIG_FILE_NAME).read_text())
     model_config = config.get("model_cfg", config)
-    state_dict = load_open_clip_weights(_find_weights(path_dir))
+    state_dict = load_open_clip_weights(find_open_clip_weights(path_dir))
     check_state_dict_matches_config(state_dict, model_config)
     count = sum(int(np.prod(np.shape(value))) for value in state_dict.values())
     print(

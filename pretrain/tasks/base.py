@@ -63,6 +63,10 @@ class Task(abc.ABC):
         return None
 
     @abc.abstractmethod
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of the ``batch_fields`` of a global batch (compiling without data)."""
+
+    @abc.abstractmethod
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
         """A checkpointable grain IterDataset of this process's host batches (NumPy dicts).
 

@@ -32,6 +32,7 @@ from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.evaluate import image_text_eval
 from pretrain.export import open_clip
 from pretrain.tasks import base
+from pretrain.tasks.clip_teacher import build_teacher, run_params
 
 LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
 # open_clip clamps the learned temperature so that the logit scale never exceeds 100.
@@ -125,7 +126,9 @@ class Task(base.Task):
         frozen: Any = None,
     ) -> tuple[jax.Array, base.Metrics]:
         del rng, frozen
-        scale = jnp.exp(params["logit_scale"])
+        fixed_scale = self.config.loss.get("fixed_logit_scale")
+        # A fixed temperature (UTA fine-tuning: 0.01, scale 100) when the towers start aligned.
+        scale = jnp.float32(fixed_scale) if fixed_scale else jnp.exp(params["logit_scale"])
         batch_spec = PartitionSpec(sharding.BATCH_AXES)
         loss = LOSSES[self.loss_name]
         scalars: tuple[jax.Array, ...] = (scale,)
@@ -184,6 +187,13 @@ class Task(base.Task):
 
     # -- data and evaluation -------------------------------------------------------------------
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        size = self.image_size
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+            "text": jax.ShapeDtypeStruct((batch_size, self.context_length), jnp.int32),
+        }
+
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
         return image_text.train_dataset(
             self.config.data,
@@ -193,6 +203,31 @@ class Task(base.Task):
             process_index=process_index,
             process_count=process_count,
         )
+
+    def load_pretrained(self) -> Any:
+        """Towers initialised from earlier runs or CLIP weights (``config.init``), e.g. UTA's
+        contrastive fine-tuning: the image tower from the UTA run, the text tower from its teacher.
+
+        ``init.image_from``: {config, workdir, step, subtree} of a run of this project (``subtree``
+        "" = its whole parameter tree, e.g. a UTA student; "image_encoder" for a CLIP run);
+        ``init.text_from``: a teacher spec (see pretrain/tasks/clip_teacher.py) whose text tower
+        is taken.
+        """
+        init = self.config.get("init")
+        if not init:
+            return None
+        pretrained = {}
+        image_from = init.get("image_from")
+        if image_from and image_from.get("workdir"):
+            params = run_params(image_from.config, image_from.workdir, str(image_from.step))
+            for key in filter(None, image_from.get("subtree", "").split("/")):
+                params = params[key]
+            pretrained["image_encoder"] = params
+        text_from = init.get("text_from")
+        if text_from and text_from.get("source"):
+            teacher = build_teacher(ConfigDict({**text_from.to_dict(), "dtype": "float32"}))
+            pretrained["text_encoder"] = teacher.load()["text_encoder"]
+        return pretrained or None
 
     def export(self, params: Any, directory: str) -> str:
         """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py."""

@@ -12,10 +12,21 @@ directory and writing ``torch_outputs.npz`` (normalised ``image_embeds``, ``text
     ``add_model_config(NAME.json)`` + ``create_model(NAME, pretrained=weights)``.
 
 ``make-reference CASE_DIR MODEL``
-    Creates an open_clip model from a built-in name (e.g. ``ViT-B-16``) or a config JSON path,
-    with random weights (LayerNorm and biases perturbed too, not left at 1 and 0), and writes
-    ``CASE_DIR/reference/{open_clip_config.json, open_clip_model.safetensors}`` for the JAX side
-    to import.
+    Creates an open_clip model from a built-in name (e.g. ``ViT-B-16``) or a config JSON path
+    (``CLIP``, or ``CustomTextCLIP`` when the config says ``custom_text``; a timm trunk may be
+    ``local-dir:/path``), with random weights (LayerNorm and biases perturbed too, not left at 1
+    and 0), and writes ``CASE_DIR/reference/{open_clip_config.json, open_clip_model.safetensors}``
+    for the JAX side to import.
+
+``describe OUT_JSON NAME...``
+    For open_clip's registered model names: the model config (``get_model_config``) and the
+    state dict's keys and shapes, built on the meta device (no memory, no init time).
+
+``describe-trunks OUT_JSON NAME...``
+    For timm model names: ``timm.create_model(name, num_classes=0, global_pool="token")`` (as
+    open_clip builds a trunk with ``timm_pool: token``) on the meta device; its state
+    dict's keys and shapes, image size, pooling, and whether it has RoPE (with its reference grid),
+    a final norm and an fc norm.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -46,6 +58,12 @@ def _embed(model: torch.nn.Module, case_dir: Path) -> dict[str, np.ndarray]:
         }
         if getattr(model, "logit_bias", None) is not None:
             outputs["logit_bias"] = model.logit_bias.detach().numpy()
+        trunk = getattr(model.visual, "trunk", None)
+        if trunk is not None:
+            # A timm tower's projection (its classifier head, or open_clip's visual.head) is a
+            # per-token Linear: applied to every final-normed token, it gives UTA's targets.
+            tokens = trunk.forward_features(images)
+            outputs["projected_tokens"] = model.visual.head(trunk.head(tokens)).numpy()
     return outputs
 
 
@@ -84,9 +102,14 @@ def _perturb_(model: torch.nn.Module, seed: int) -> None:
     """Random values everywhere: LayerNorm scales near 1, biases and weights around their init."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for parameter in model.parameters():
-            spread = float(parameter.std()) if parameter.numel() > 1 else 0.0
+        for name, parameter in model.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("trunk.head.weight"):
+                # timm initialises its classifier 1000x smaller than a projection; as the CLIP
+                # projection it must not be dwarfed by its (perturbed) bias.
+                parameter.copy_(noise / parameter.shape[1] ** 0.5)
+                continue
+            spread = float(parameter.std()) if parameter.numel() > 1 else 0.0
             parameter.add_(noise * (0.1 * spread if spread > 0 else 0.05))
 
 
@@ -94,7 +117,13 @@ def make_reference(case_dir: Path, model_spec: str) -> None:
     torch.manual_seed(0)
     if model_spec.endswith(".json"):
         model_config = json.loads(Path(model_spec).read_text())
-        model = open_clip.model.CLIP(**model_config)
+        kwargs = {key: value for key, value in model_config.items() if key != "custom_text"}
+        model_class = (
+            open_clip.model.CustomTextCLIP
+            if model_config.get("custom_text")
+            else open_clip.model.CLIP
+        )
+        model = model_class(**kwargs)
     else:
         model_config = open_clip.get_model_config(model_spec)
         model = open_clip.create_model(model_spec)
@@ -104,8 +133,47 @@ def make_reference(case_dir: Path, model_spec: str) -> None:
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(reference_dir / "open_clip_model.safetensors"))
     (reference_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config}))
-    report = {"num_keys": len(state), "num_parameters": sum(p.numel() for p in model.parameters())}
+    report = {
+        "model_class": type(model).__name__,
+        "num_keys": len(state),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
     _write_results(case_dir, _embed(model, case_dir), report)
+
+
+def describe(out_path: Path, names: list[str]) -> None:
+    described = {}
+    for name in names:
+        with torch.device("meta"):
+            model = open_clip.create_model(name, device="meta")
+        state = model.state_dict()
+        described[name] = {
+            "model_cfg": open_clip.get_model_config(name),
+            "model_class": type(model).__name__,
+            "shapes": {key: list(value.shape) for key, value in state.items()},
+        }
+    out_path.write_text(json.dumps(described))
+
+
+def describe_trunks(out_path: Path, names: list[str]) -> None:
+    described = {}
+    for name in names:
+        with torch.device("meta"):
+            trunk = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token")
+        rope = trunk.rope
+        described[name] = {
+            "shapes": {key: list(value.shape) for key, value in trunk.state_dict().items()},
+            "img_size": list(trunk.patch_embed.img_size),
+            "global_pool": trunk.global_pool,
+            "rope": rope is not None,
+            "rope_ref_feat_shape": (
+                list(rope.ref_feat_shape) if getattr(rope, "ref_feat_shape", None) else None
+            ),
+            "final_norm": not isinstance(trunk.norm, torch.nn.Identity),
+            "fc_norm": not isinstance(trunk.fc_norm, torch.nn.Identity),
+            "norm_eps": trunk.norm.eps if hasattr(trunk.norm, "eps") else None,
+        }
+    out_path.write_text(json.dumps(described))
 
 
 def main(argv: list[str]) -> None:
@@ -114,6 +182,10 @@ def main(argv: list[str]) -> None:
         load_export(Path(case_dir), rest[0] if rest else None)
     elif command == "make-reference":
         make_reference(Path(case_dir), rest[0])
+    elif command == "describe":
+        describe(Path(case_dir), rest)
+    elif command == "describe-trunks":
+        describe_trunks(Path(case_dir), rest)
     else:
         raise SystemExit(f"unknown command {command!r}")
 

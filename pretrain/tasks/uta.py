@@ -1,0 +1,218 @@
+"""UTA (paper 004): an EVA-02-style ViT that encodes only the unmasked tokens and aligns them to
+a frozen CLIP teacher's tokens at the same positions.
+
+Per image: reversed block-wise masking keeps an exact number K of patches (made in the data
+workers, ``keep_indices``); the student embeds all patches, runs its transformer on the class
+token and the K kept ones (cost falls with the mask ratio), and projects them to the teacher's
+embedding size. The teacher sees the whole image (bf16, no gradient) and gives its per-token
+features after its final LayerNorm and projection; the loss is -cosine between student and teacher
+tokens at the kept positions (class token included), mean over tokens and the global batch.
+
+Zero-shot: the student's projected class token against the teacher's text tower (the paper's
+protocol), through the same evaluator as CLIP. A teacher whose patch grid differs from the
+student's (a /14 teacher for a /16 student) is matched by resizing the teacher's token map to the
+student's grid (``teacher.grid_match="interpolate_tokens"``) or by resizing its input image so that
+its grid equals the student's (``"resize_input"``, the teacher's position embeddings interpolated).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+from ml_collections import ConfigDict
+
+from losses.alignment import token_alignment_loss
+from models.two_tower import TwoTowerModel, l2_normalize
+from pretrain import sharding
+from pretrain.data import image_text, masking, pipeline
+from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from pretrain.evaluate import image_text_eval
+from pretrain.export import timm_eva
+from pretrain.tasks import base
+from pretrain.tasks.clip_teacher import build_teacher
+
+GRID_MATCHES = ("interpolate_tokens", "resize_input")
+
+
+class KeepIndices:
+    """Picklable grain extra: the sorted indices of the patches an image keeps."""
+
+    def __init__(self, grid: tuple[int, int], mask_ratio: float, reverse_probability: float):
+        self.grid = grid
+        self.mask_ratio = mask_ratio
+        self.reverse_probability = reverse_probability
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        keep = masking.reversed_block_mask_indices(
+            rng, self.grid, self.mask_ratio, reverse_probability=self.reverse_probability
+        )
+        return {"keep_indices": keep.astype(np.int32)}
+
+
+def normalize_unit_images(images: jax.Array) -> jax.Array:
+    """[0, 1] RGB -> CLIP's normalisation (the teachers' and the student's)."""
+    return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+class Task(base.Task):
+    batch_fields = ("image", "keep_indices")
+
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        super().__init__(config, mesh)
+        self.teacher = build_teacher(config.teacher)
+        self.grid_match = config.teacher.get("grid_match", "interpolate_tokens")
+        if self.grid_match not in GRID_MATCHES:
+            raise ValueError(f"teacher.grid_match={self.grid_match!r}; use one of {GRID_MATCHES}")
+        model = config.model
+        self.student = base.build_module(
+            model.student,
+            output_dim=self.teacher.embed_dim,
+            dtype=jnp.dtype(model.dtype),
+            param_dtype=jnp.dtype(model.param_dtype),
+            remat_policy=model.remat_policy,
+        )
+        self.image_size = int(config.data.image_size)
+        patch = int(self.student.patch_size)
+        if self.image_size % patch:
+            raise ValueError(f"image size {self.image_size} is not a multiple of patch {patch}")
+        self.grid = (self.image_size // patch, self.image_size // patch)
+        self.mask_ratio = float(config.masking.mask_ratio)
+        self._evaluator: image_text_eval.ImageTextEvaluator | None = None
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def init_params(self, rng: jax.Array) -> Any:
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return self.student.init(rng, images)["params"]
+
+    def frozen_spec(self) -> Any:
+        return {"teacher": self.teacher.spec()}
+
+    def load_frozen(self) -> Any:
+        return {"teacher": self.teacher.load()}
+
+    # -- teacher targets ------------------------------------------------------------------------
+
+    def teacher_input_size(self) -> int:
+        if self.grid_match == "resize_input":
+            return self.grid[0] * self.teacher.patch_size
+        return self.teacher.image_size
+
+    def teacher_tokens(self, teacher_params: Any, images: jax.Array) -> jax.Array:
+        """The teacher's projected tokens on the student's grid: (B, 1 + N_student, E), class
+        token first, from normalised [0, 1]-range images (B, H, W, 3)."""
+        size = self.teacher_input_size()
+        if images.shape[1] != size:
+            images = jax.image.resize(
+                images, (images.shape[0], size, size, 3), method="bicubic", antialias=True
+            )
+        _, intermediates = self.teacher.model.apply(
+            {"params": teacher_params},
+            normalize_unit_images(images).astype(self.teacher.dtype),
+            method=TwoTowerModel.encode_image,
+        )
+        tokens = intermediates["projected_tokens"]
+        class_token, patches = tokens[:, :1], tokens[:, 1:]
+        side = round(patches.shape[1] ** 0.5)
+        if (side, side) != self.grid:
+            patches = patches.reshape(patches.shape[0], side, side, -1)
+            patches = jax.image.resize(
+                patches, (patches.shape[0], *self.grid, patches.shape[-1]), method="bilinear"
+            )
+            patches = patches.reshape(patches.shape[0], self.grid[0] * self.grid[1], -1)
+        return jnp.concatenate([class_token, patches], axis=1)
+
+    # -- loss -----------------------------------------------------------------------------------
+
+    def loss_fn(
+        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
+    ) -> tuple[jax.Array, base.Metrics]:
+        del rng, step
+        images = batch["image"].astype(jnp.float32) / 255.0
+        keep = batch["keep_indices"]
+        _, intermediates = self.student.apply(
+            {"params": params}, normalize_unit_images(images), keep_indices=keep
+        )
+        student = intermediates["projected_tokens"]  # (B, 1 + K, E)
+        teacher = self.teacher_tokens(frozen["teacher"], images)
+        kept_positions = jnp.concatenate([jnp.zeros_like(keep[:, :1]), keep + 1], axis=1)
+        targets = jnp.take_along_axis(teacher, kept_positions[:, :, None], axis=1)
+        batch_spec = PartitionSpec(sharding.BATCH_AXES)
+        loss = jax.shard_map(
+            functools.partial(token_alignment_loss, axis_name=sharding.BATCH_AXES),
+            mesh=self.mesh,
+            in_specs=(batch_spec, batch_spec),
+            out_specs=PartitionSpec(),
+        )(student, targets)
+        return loss, {"cosine": -loss}
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        kept = masking.num_kept(self.grid, self.mask_ratio)
+        size = self.image_size
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+            "keep_indices": jax.ShapeDtypeStruct((batch_size, kept), jnp.int32),
+        }
+
+    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+        data = self.config.data
+        masks = KeepIndices(
+            self.grid, self.mask_ratio, float(self.config.masking.reverse_probability)
+        )
+        return pipeline.image_text_dataset(
+            image_text.make_source(data.train),
+            batch_size_per_process=batch_size,
+            seed=int(self.config.seed),
+            train=True,
+            image_size=self.image_size,
+            tokenizer=None,  # images only: the teacher gives the targets
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=int(data.worker_count),
+            worker_buffer_size=int(data.worker_buffer_size),
+            crop_scale=tuple(data.random_resized_crop_scale),
+            crop_ratio=tuple(data.random_resized_crop_ratio),
+            example_extras=masks,
+        )
+
+    # -- evaluation and export ------------------------------------------------------------------
+
+    def encode_images(self, variables: Any, images_uint8: jax.Array) -> jax.Array:
+        """Zero-shot image embedding: the student's projected class token, normalised."""
+        images = normalize_unit_images(images_uint8.astype(jnp.float32) / 255.0)
+        embedding, _ = self.student.apply({"params": variables["student"]}, images)
+        return l2_normalize(embedding)
+
+    def encode_texts(self, variables: Any, tokens: jax.Array) -> jax.Array:
+        """The teacher's text tower: the student was aligned to its embedding space."""
+        embedding, _ = self.teacher.model.apply(
+            {"params": variables["teacher"]}, tokens, method=TwoTowerModel.encode_text
+        )
+        return embedding
+
+    def prepare_evaluation(self) -> None:
+        if self._evaluator is None:
+            self._evaluator = image_text_eval.ImageTextEvaluator(
+                self.config.eval,
+                mesh=self.mesh,
+                image_size=self.image_size,
+                context_length=self.teacher.context_length,
+                encode_images=self.encode_images,
+                encode_texts=self.encode_texts,
+            )
+
+    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
+        del step
+        self.prepare_evaluation()
+        return self._evaluator({"student": params, "teacher": frozen["teacher"]})
+
+    def export(self, params: Any, directory: str) -> str:
+        """The student in timm's eva.py layout (see pretrain/export/timm_eva.py)."""
+        return str(timm_eva.save_timm(directory, params, self.student, image_size=self.image_size))

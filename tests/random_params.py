@@ -1,0 +1,35 @@
+"""Random, non-trivial parameter values for a Flax module, drawn in NumPy from its shapes.
+
+Flax's own init runs eagerly op by op (seconds on a busy CPU); these are drawn from
+``jax.eval_shape`` shapes instead, with LayerNorm scales off 1 and biases off 0 so that no
+parameter is a no-op a wrong mapping could hide behind, at roughly the init's scale.
+"""
+
+import jax
+import numpy as np
+
+
+def random_value(path: tuple[str, ...], shape: tuple[int, ...], rng) -> np.ndarray:
+    noise = rng.standard_normal(shape).astype(np.float32)
+    name, parent = path[-1], path[-2] if len(path) > 1 else ""
+    if name == "scale":
+        return 1 + 0.1 * noise
+    if name == "bias":
+        return 0.1 * noise
+    if name == "kernel":
+        # q/k/v kernels are (width, heads, head_dim): their fan-in is the first axis alone.
+        fan_in = shape[0] if parent in ("query", "key", "value") else np.prod(shape[:-1])
+        return noise / np.sqrt(fan_in).astype(np.float32)
+    if name in ("proj", "class_embedding"):
+        return noise / np.sqrt(shape[0]).astype(np.float32)
+    return 0.1 * noise  # position embeddings
+
+
+def random_params(module, *init_args, seed: int = 0):
+    """The ``params`` collection of ``module.init(key, *init_args)``, filled with random values."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *init_args)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: random_value(tuple(entry.key for entry in path), leaf.shape, rng),
+        shapes,
+    )
