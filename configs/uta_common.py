@@ -48,8 +48,9 @@ def uta_config(size: str, arg: str | None) -> ConfigDict:
             "b2": 0.98,
             "eps": 1e-6,
             "weight_decay": 0.05,
-            "grad_clip_norm": placeholder(float),
-            "no_decay_patterns": (),
+            "grad_clip_norm": placeholder(float),  # not in the paper
+            # Not in the paper: EVA-02/BEiT keep position and class embeddings out of the decay.
+            "no_decay_patterns": (r"(^|/)positional_embedding$", r"(^|/)class_embedding$"),
         }
     )
     config.schedule = ConfigDict(

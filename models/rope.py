@@ -25,7 +25,7 @@ import numpy as np
 DEFAULT_THETA = 10000.0
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     rows, cols = value
@@ -45,14 +45,14 @@ def grid_positions(
     grid: int | tuple[int, int], ref_grid: int | tuple[int, int] | None = None
 ) -> np.ndarray:
     """(rows * cols, 2) float32 (row, col) positions of the patches, in row-major order."""
-    rows, cols = _pair(grid)
+    rows, cols = as_pair(grid)
     axes = [np.arange(size, dtype=np.float32) for size in (rows, cols)]
     if ref_grid is not None:
         # EVA-02's scheme for a grid other than the pretraining one (same op order as timm, so
         # the float32 positions agree bit for bit).
         axes = [
             axis / np.float32(size) * np.float32(ref)
-            for axis, size, ref in zip(axes, (rows, cols), _pair(ref_grid))
+            for axis, size, ref in zip(axes, (rows, cols), as_pair(ref_grid))
         ]
     row_index, col_index = np.meshgrid(*axes, indexing="ij")
     return np.stack([row_index.reshape(-1), col_index.reshape(-1)], axis=-1)

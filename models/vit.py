@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers import Dtype, Transformer, normal_init
-from models.rope import DEFAULT_THETA, rope_angles, with_prefix_tokens
+from models.rope import DEFAULT_THETA, as_pair, rope_angles, with_prefix_tokens
 
 # Widths, depths and heads of the standard ViT sizes (MLP ratio 4).
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -80,10 +80,6 @@ EVA02_VARIANTS: dict[str, dict[str, Any]] = {
     "eva02": {"attn_inner_norm": True},  # EVA-02-CLIP's vision tower (timm eva02_*_clip_*)
     "uta": {"attn_inner_norm": False},  # UTA's student: EVA-02 without the attention's inner LN
 }
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def resize_position_grid(
@@ -233,7 +229,7 @@ class VisionTransformer(nn.Module):
     ) -> tuple[jax.Array, dict[str, Any]]:
         """``keep_indices``: optional int (B, K) indices of the patches to keep, row-major over the
         grid (0 .. rows * cols - 1); the transformer then runs on the class token and those K
-        patches only. Indices out of range are not checked (jit clamps them)."""
+        patches only. Indices are not range-checked: out-of-range ones give NaN tokens."""
         del train  # no dropout or batch statistics in this tower
         batch = images.shape[0]
         scale = self.width**-0.5
@@ -244,7 +240,7 @@ class VisionTransformer(nn.Module):
         )
         class_token = jnp.broadcast_to(class_embedding, (batch, 1, self.width)).astype(self.dtype)
         if self.use_abs_pos:
-            stored_grid = _pair(self.pos_embed_grid) if self.pos_embed_grid else grid
+            stored_grid = as_pair(self.pos_embed_grid) if self.pos_embed_grid else grid
             positional_embedding = self.param(
                 "positional_embedding",
                 normal_init(scale),

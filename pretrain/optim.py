@@ -10,11 +10,11 @@ UTA's contrastive fine-tuning (paper 004, following EVA-CLIP) adds:
 
 * LAMB (``optimizer.name = "lamb"``): Adam's bias-corrected direction plus decoupled weight decay,
   rescaled per parameter array by the trust ratio ``|w| / |update|``, clamped to
-  ``[optimizer.min_trust, optimizer.max_trust]`` (EVA-CLIP/UTA: [0.01, 10]; unset: no clamp,
-  i.e. optax's LAMB). A ratio is 1 where either norm is 0 (e.g. zero-initialised biases), as in
-  the LAMB reference codes. ``optimizer.trust_ratio_for_no_decay`` (default True, the LAMB paper
-  and optax) False skips the ratio on parameters without weight decay, as the NVIDIA/timm LAMB
-  that EVA-CLIP uses does.
+  ``[optimizer.min_trust, optimizer.max_trust]`` ([0.01, 10] is DeepSpeed's FusedLamb
+  min_coeff/max_coeff, which EVA-CLIP trains with; unset: no clamp, i.e. optax's LAMB). A ratio
+  is 1 where either norm is 0 (e.g. zero-initialised biases), as in the LAMB reference codes.
+  ``optimizer.trust_ratio_for_no_decay`` (default True: the LAMB paper, optax and FusedLamb
+  apply the ratio to every parameter) False skips it on parameters without weight decay.
 * Layer-wise learning-rate decay (``optimizer.layer_decay`` for the image tower,
   ``optimizer.text_layer_decay`` for the text tower; None or absent: off): a parameter of layer
   ``i`` of a tower with ``L`` blocks has its update multiplied by ``decay ** (L + 1 - i)``

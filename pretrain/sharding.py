@@ -41,6 +41,9 @@ TRANSFORMER_MODEL_PARALLEL_RULES: tuple[tuple[str, tuple[str | None, ...]], ...]
     (r"mlp/(c_fc|fc1_g|fc1_x)/bias$", ("model",)),
     (r"mlp/norm/(scale|bias)$", ("model",)),
     (r"mlp/(c_proj|fc2)/kernel$", ("model", None)),
+    # Classifiers over many classes (CatLIP's synset vocabulary): classes split over "model".
+    (r"classifier/kernel$", (None, "model")),
+    (r"classifier/bias$", ("model",)),
 )
 
 # Parameters smaller than this stay replicated over fsdp: sharding them saves no memory worth the

@@ -488,6 +488,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         return results
 
     try:
+        if eval_every and config.eval.get("at_start") and resume_step is None:
+            # Before any update (e.g. a transferred classifier as initialised).
+            final_metrics.update({f"eval/{k}": v for k, v in evaluate(0).items()})
         for step in range(start_step + 1, total_steps + 1):
             host_batch = next(data_iterator)
             skipped_total += int(host_batch.get("skipped", 0))
@@ -632,6 +635,9 @@ STATE_DEFINING_FIELDS = (
     r"loss\.",
     r"range_augment\.(enabled|operations)$",
     r"optimizer\.(name|layer_decay|text_layer_decay)$",
+    r"teacher\.(source|open_clip_model|config|dtype)$",  # frozen teachers' shapes
+    r"vocab\.(path|min_count|max_size)$",  # CatLIP's classifier size
+    r"transfer\.(mode|pretrained\.(config|workdir))$",  # what is trained, what is frozen
 )
 
 

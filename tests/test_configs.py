@@ -114,3 +114,102 @@ def test_full_recipe_compiles_one_sharded_step_on_8_devices():
     memory = compiled.memory_analysis()
     if memory is not None:
         assert memory.argument_size_in_bytes < 0.5 * 4 * 4 * 149_620_737
+
+
+@pytest.mark.parametrize("size,mask_ratio", [("b", 0.4), ("l", 0.5)])
+def test_uta_recipes_reproduce_paper_004(size, mask_ratio):
+    import importlib
+
+    config = importlib.import_module(f"configs.uta_vit{size}").get_config()
+    assert config.model.student.variant == f"uta_{'base' if size == 'b' else 'large'}/16"
+    assert config.data.image_size == 224
+    assert config.batch_size == 4096
+    # 150 epochs of ImageNet-21K, 1 warm-up epoch.
+    assert config.total_steps == -(-150 * 14_197_122 // 4096)
+    assert config.schedule.warmup_steps == -(-14_197_122 // 4096)
+    assert (config.schedule.peak_lr, config.schedule.end_lr) == (1.5e-3, 1e-5)
+    assert (config.optimizer.name, config.optimizer.weight_decay) == ("adamw", 0.05)
+    assert config.masking.mask_ratio == mask_ratio
+    assert config.masking.reverse_probability == 0.5
+    assert config.teacher.open_clip_model == "EVA01-g-14"
+
+
+@pytest.mark.parametrize(
+    "size,lr,layer_decay,steps",
+    [("b", 2e-4, 0.75, 40_691), ("l", 4e-4, 0.85, 81_381)],  # ceil(2e9 / 49152), ceil(4e9 / ...)
+)
+def test_uta_fine_tuning_recipes_reproduce_paper_004(size, lr, layer_decay, steps):
+    import importlib
+
+    from pretrain.export import open_clip
+    from pretrain.export.open_clip_configs import open_clip_model_config_by_name
+
+    config = importlib.import_module(f"configs.uta_ft_vit{size}").get_config()
+    assert config.batch_size == 49_152
+    assert config.total_steps == steps  # 2B (B) / 4B (L) samples
+    assert config.loss.fixed_logit_scale == 100.0  # temperature 0.01
+    optimizer = config.optimizer
+    assert (optimizer.name, optimizer.min_trust, optimizer.max_trust) == ("lamb", 0.01, 10.0)
+    assert (optimizer.layer_decay, optimizer.weight_decay) == (layer_decay, 0.05)
+    assert (config.schedule.peak_lr, config.schedule.end_lr) == (lr, 0.0)
+    # The text tower is the teacher's (EVA01-CLIP-g/14).
+    teacher = open_clip.jax_model_kwargs(open_clip_model_config_by_name("EVA01-g-14"))
+    text = teacher["text_encoder"]
+    assert (config.model.text.width, config.model.text.depth) == (text["width"], text["depth"])
+    assert config.model.text.num_heads == text["num_heads"]
+    assert config.model.embed_dim == text["output_dim"]
+
+
+@pytest.mark.parametrize(
+    "variant,width,peak_lr,end_lr",
+    [("B/16", 768, 1e-3, 1e-5), ("L/16", 1024, 6e-4, 6e-6), ("H/16", 1280, 4e-4, 4e-6)],
+)
+def test_catlip_recipes_reproduce_table_6(variant, width, peak_lr, end_lr):
+    from configs.catlip_vitb16 import get_config
+
+    config = get_config(f"variant={variant}")
+    assert config.task == "pretrain.tasks.catlip"
+    assert config.model.image.variant == variant
+    assert config.total_steps == 200_000
+    assert config.batch_size == 65_536  # 1024 x 64, 512 x 128, 256 x 256 GPUs
+    assert (config.schedule.decay, config.schedule.peak_lr, config.schedule.end_lr) == (
+        "cosine",
+        peak_lr,
+        end_lr,
+    )
+    assert config.schedule.warmup_steps == 10_000
+    opt = config.optimizer
+    assert (opt.name, opt.b1, opt.b2, opt.weight_decay, opt.grad_clip_norm) == (
+        "adamw",
+        0.9,
+        0.999,
+        0.2,
+        1.0,
+    )
+    assert config.ema_decay == 0.9995
+    assert config.model.dtype == "bfloat16"
+    assert config.vocab.min_count == 500  # V_tau
+    assert config.range_augment.enabled and config.data.random_horizontal_flip
+    from models.vit import VisionTransformer
+
+    assert VisionTransformer.from_variant(variant, output_dim=None).width == width
+
+
+@pytest.mark.parametrize(
+    "mode,epochs,batch,peak_lr,end_lr,weight_decay",
+    [("linear_probe", 30, 256, 3e-5, 1e-6, 0.0), ("finetune", 10, 128, 3e-5, 3e-6, 0.05)],
+)
+def test_catlip_transfer_recipes_reproduce_table_7(
+    mode, epochs, batch, peak_lr, end_lr, weight_decay
+):
+    from configs.catlip_transfer import get_config
+
+    config = get_config(f"mode={mode}")
+    assert config.transfer.mode == mode and config.transfer.head_init == "transfer"
+    assert config.batch_size == batch
+    assert config.total_steps == -(-epochs * 1_281_167 // batch)
+    assert (config.schedule.peak_lr, config.schedule.end_lr) == (peak_lr, end_lr)
+    assert (config.optimizer.b1, config.optimizer.b2) == (0.9, 0.999)
+    assert config.optimizer.weight_decay == weight_decay
+    with pytest.raises(ValueError, match="Table 7"):
+        get_config("mode=probe")

@@ -182,22 +182,24 @@ def eval_batches(
     max_examples: int | None = None,
     num_captions: int = 0,
     worker_count: int = 0,
+    with_text: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """One in-order pass of evaluation batches (every process reads the whole set).
 
     Yields dicts with ``image`` (n,H,W,3) uint8, ``label`` (n,) when the source has labels and,
     with ``num_captions`` > 0, ``captions``: a list of (c_i, L) token arrays, one per image.
     Padding rows of the last batch are removed here, so batches may be shorter.
+    ``with_text=False``: images (and labels) only, captions neither read nor required.
     """
     if max_examples:
-        source = _Prefix(source, max_examples)
+        source = Prefix(source, max_examples)
     dataset = pipeline.image_text_dataset(
         source,
         batch_size_per_process=batch_size,
         seed=0,
         train=False,
         image_size=image_size,
-        tokenizer=ClipTokenizer(context_length),
+        tokenizer=ClipTokenizer(context_length) if with_text else None,
         drop_remainder=False,
         num_eval_captions=num_captions,
         worker_count=worker_count,
@@ -215,7 +217,7 @@ def eval_batches(
         yield out
 
 
-class _Prefix:
+class Prefix:
     """The first ``count`` records of a source (evaluation subsets)."""
 
     def __init__(self, source: Any, count: int):

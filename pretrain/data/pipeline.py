@@ -35,6 +35,7 @@ Batch fields (``b = batch_size_per_process``, ``L`` = the tokenizer's context le
 ``skipped``         Python int       records skipped since the previous batch (host only:
                                      pop it before putting the batch on devices)
 ``label``           int32 (b,)       only if the source's records have a ``label``
+(caption fields)    (b, ...)         with ``caption_fields``: its fields of the chosen caption
 ``all_text``        int32 (b, K, L)  evaluation with ``num_eval_captions=K > 0``: the
                                      first K captions' tokens, zero rows where missing
 ``all_text_valid``  bool (b, K)      which rows of ``all_text`` hold a caption
@@ -75,6 +76,9 @@ CAPTION_CHOICES = ("random", "first")
 _logger = logging.getLogger(__name__)
 
 Tokenizer = Callable[[Sequence[str]], np.ndarray]
+# Per-example fields made from the chosen caption in the data workers, e.g. CatLIP's multi-hot
+# synset labels: caption -> {name: array}.
+CaptionFields = Callable[[str], dict[str, np.ndarray]]
 # Per-example fields made in the data workers from a per-(seed, epoch, record) RNG, e.g. masks.
 ExampleExtras = Callable[[np.random.Generator], dict[str, np.ndarray]]
 
@@ -165,8 +169,12 @@ class ExampleMaker:
         fast_decode: bool = True,
         num_eval_captions: int = 0,
         example_extras: ExampleExtras | None = None,
+        caption_fields: CaptionFields | None = None,
+        horizontal_flip: bool = False,
     ):
         self.train = train
+        self.horizontal_flip = horizontal_flip
+        self.caption_fields = caption_fields
         self.example_extras = example_extras
         self.image_size = image_size
         self.tokenizer = tokenizer
@@ -196,10 +204,11 @@ class ExampleMaker:
 
     def __call__(self, item: tuple[int, int, Mapping[str, Any]]) -> dict[str, Any] | SkippedRecord:
         epoch, index, record = item
-        image_data, captions = image_and_captions(record, self.tokenizer is not None)
+        needs_caption = self.tokenizer is not None or self.caption_fields is not None
+        image_data, captions = image_and_captions(record, needs_caption)
         if _is_missing(image_data):
             return self._skip(index, "missing_image")
-        if self.tokenizer is not None and not captions:
+        if needs_caption and not captions:
             return self._skip(index, "empty_caption")
         try:
             image = transforms.decode_to_pil(image_data, min_side=self.decode_min_side)
@@ -213,12 +222,17 @@ class ExampleMaker:
             pixels = transforms.random_resized_crop(
                 image, self.image_size, rng, self.crop_scale, self.crop_ratio
             )
+            # Drawn after the crop, so that enabling flips changes no crop.
+            if self.horizontal_flip and rng.random() < 0.5:
+                pixels = np.ascontiguousarray(pixels[:, ::-1])
         else:
             caption = captions[0] if captions else ""
             pixels = transforms.resize_center_crop(image, self.image_size)
         example = {"image": pixels, "index": np.int64(index)}
         if self.tokenizer is not None:
             example["text"] = _tokens(self.tokenizer, [caption])[0]
+        if self.caption_fields is not None:
+            example.update(self.caption_fields(caption))
         if self.example_extras is not None:
             # Their own stream, so that adding them changes no crop or caption draw.
             example.update(self.example_extras(np.random.default_rng([self.seed, 2, epoch, index])))
@@ -441,6 +455,8 @@ def image_text_dataset(
     read_options: grain.ReadOptions | None = None,
     max_consecutive_skips: int = 10_000,
     example_extras: ExampleExtras | None = None,
+    caption_fields: CaptionFields | None = None,
+    horizontal_flip: bool = False,
 ) -> grain.IterDataset:
     """The per-process image-text batch stream; see the module docstring for order and fields.
 
@@ -465,6 +481,10 @@ def image_text_dataset(
       max_consecutive_skips: raise when this many records in a row are bad.
       example_extras: picklable callable adding fields to each example from its own RNG
         (deterministic per seed, epoch and record), e.g. token masks.
+      caption_fields: picklable callable adding fields made from the chosen caption (e.g.
+        CatLIP's multi-hot labels); with it, records without a caption are skipped as with a
+        tokenizer.
+      horizontal_flip: training only: mirror half of the crops (seeded per record and epoch).
     """
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
@@ -502,6 +522,8 @@ def image_text_dataset(
         fast_decode=fast_decode,
         num_eval_captions=num_eval_captions,
         example_extras=example_extras,
+        caption_fields=caption_fields,
+        horizontal_flip=horizontal_flip,
     )
     examples = records.map(make_example).to_iter_dataset(read_options or grain.ReadOptions())
     batches = SkipCountingBatchIterDataset(

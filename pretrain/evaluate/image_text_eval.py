@@ -15,6 +15,7 @@ see identical inputs everywhere; only process 0 writes them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,21 @@ def class_names(set_config: Mapping[str, Any], source: Any) -> list[str] | None:
     raise ValueError(f"unknown classnames {kind!r}")
 
 
+def label_wnids(set_config: Mapping[str, Any]) -> list[str] | None:
+    """The WordNet ids of a TFDS set's labels when its label names are wnids (``imagenet2012``:
+    "n01440764", ...), else None: CatLIP's Transfer Init then matches synsets exactly."""
+    if set_config.get("source") != "tfds":
+        return None
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(set_config["tfds_name"], data_dir=set_config.get("data_dir") or None)
+    feature = builder.info.features[set_config.get("label_field", "label")]
+    names = list(getattr(feature, "names", []) or [])
+    if names and all(re.fullmatch(r"n\d{8}", name) for name in names):
+        return names
+    return None
+
+
 def prompt_templates(name: str) -> Sequence[str]:
     if name == "synthetic_scenes":
         from pretrain.data import scenes
@@ -63,7 +79,7 @@ def prompt_templates(name: str) -> Sequence[str]:
     raise ValueError(f"unknown templates {name!r}")
 
 
-def _dataset_not_found_error() -> type[Exception]:
+def dataset_not_found_error() -> type[Exception]:
     import tensorflow_datasets as tfds
 
     return tfds.core.registered.DatasetNotFoundError
@@ -106,7 +122,7 @@ class ImageTextEvaluator:
     def _load(self, name: str, set_config: Mapping[str, Any]) -> dict[str, Any] | None:
         try:
             source = image_text.make_source(set_config)
-        except (FileNotFoundError, _dataset_not_found_error()) as error:
+        except (FileNotFoundError, dataset_not_found_error()) as error:
             # Data that is not there (e.g. ImageNet not prepared for TFDS) must not stop a long
             # run: say so at start-up and go on. A wrong setting raises.
             logging.warning("eval set %r is not available and is skipped: %s", name, error)

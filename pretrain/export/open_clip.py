@@ -68,13 +68,21 @@ from typing import Any
 import numpy as np
 
 from pretrain.export import timm_eva, timm_trunks
+from pretrain.export.tree_io import (
+    OPENAI_DATASET_MEAN,
+    OPENAI_DATASET_STD,
+    Entries,
+    block_count,
+    flatten,
+    unflatten,
+    unwrap_variables,
+    write_atomically,
+)
 
 WEIGHTS_FILE_NAME = "open_clip_model.safetensors"
 CONFIG_FILE_NAME = "open_clip_config.json"
 # open_clip's defaults (OpenAI CLIP's normalisation); a recipe trained with other statistics passes
 # its own through ``preprocess_cfg``.
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 OPEN_CLIP_LAYER_NORM_EPS = 1e-5
 OPEN_CLIP_HEAD_WIDTH = 64
 OPEN_CLIP_TEXT_HEADS = 8
@@ -287,6 +295,22 @@ def _trunk_vision_cfg(
     )
 
 
+def is_open_clip_vit(image_encoder: Any) -> bool:
+    """True when the ViT is open_clip's own (CLIP-style) ViT, not one needing a timm trunk."""
+    return all(
+        _field(image_encoder, name, clip_value) == clip_value
+        for name, clip_value in _CLIP_VIT_OPTIONS.items()
+    )
+
+
+def registered_timm_trunk(image_encoder: Any, image_size: int | tuple[int, int]) -> str | None:
+    """The timm_trunks.TIMM_EVA_TRUNKS name with exactly this ViT's architecture, if any."""
+    try:
+        return _trunk_vision_cfg(image_encoder, image_size, None)["timm_model_name"]
+    except ValueError:
+        return None
+
+
 def open_clip_model_config(
     image_encoder: Any,
     text_encoder: Any,
@@ -323,10 +347,7 @@ def open_clip_model_config(
             "image_encoder.output_dim is None: open_clip's ViT always has a `proj` matrix, so "
             "export a model whose image tower projects to the joint embedding"
         )
-    is_clip_vit = all(
-        _field(image_encoder, name, clip_value) == clip_value
-        for name, clip_value in _CLIP_VIT_OPTIONS.items()
-    )
+    is_clip_vit = is_open_clip_vit(image_encoder)
     text_activation = _activation_of(text_encoder)
     if is_clip_vit and timm_model_name is None:
         vision_cfg = _native_vision_cfg(image_encoder, image_size)
@@ -653,59 +674,6 @@ def check_state_dict_matches_config(
 # --------------------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        path = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return tree
-
-
-class _Consumer:
-    """Hands out entries of a flat mapping once each, so that unmapped leftovers are detectable."""
-
-    def __init__(self, flat: Mapping[str, Any], convert: Callable[[Any], np.ndarray]):
-        self._remaining = dict(flat)
-        self._convert = convert
-
-    def take(self, key: str) -> np.ndarray:
-        if key not in self._remaining:
-            raise KeyError(f"expected parameter {key!r} is missing")
-        return self._convert(self._remaining.pop(key))
-
-    def has(self, key: str) -> bool:
-        return key in self._remaining
-
-    def keys_under(self, prefix: str) -> list[str]:
-        return [key for key in self._remaining if key.startswith(prefix)]
-
-    def check_all_taken(self, what: str) -> None:
-        if self._remaining:
-            raise ValueError(f"{what} entries with no open_clip mapping: {sorted(self._remaining)}")
-
-
-def _block_indices(keys: list[str], pattern: str) -> int:
-    """Number of transformer blocks, checking that their indices run 0..n-1."""
-    indices = sorted({int(m.group(1)) for key in keys if (m := re.match(pattern, key))})
-    if indices != list(range(len(indices))):
-        raise ValueError(f"transformer block indices are not contiguous from 0: {indices}")
-    return len(indices)
-
-
 def _linear_to_torch(take: Callable[[str], np.ndarray], jax: str, torch: str) -> StateDict:
     return {f"{torch}.weight": take(f"{jax}/kernel").T, f"{torch}.bias": take(f"{jax}/bias")}
 
@@ -735,9 +703,9 @@ def _block_to_torch(take: Callable[[str], np.ndarray], jax: str, torch: str) -> 
     }
 
 
-def _transformer_to_torch(params: _Consumer, jax_prefix: str, torch_prefix: str) -> StateDict:
-    depth = _block_indices(
-        params.keys_under(jax_prefix), re.escape(jax_prefix) + r"resblocks_(\d+)/"
+def _transformer_to_torch(params: Entries, jax_prefix: str, torch_prefix: str) -> StateDict:
+    depth = block_count(
+        params.keys_under(jax_prefix), re.escape(jax_prefix) + r"resblocks_(\d+)/", "JAX params"
     )
     state: StateDict = {}
     for index in range(depth):
@@ -749,7 +717,7 @@ def _transformer_to_torch(params: _Consumer, jax_prefix: str, torch_prefix: str)
     return state
 
 
-def _vision_to_torch(params: _Consumer) -> StateDict:
+def _vision_to_torch(params: Entries) -> StateDict:
     take = params.take
     if not params.has("image_encoder/ln_pre/scale") or params.has("image_encoder/conv1/bias"):
         raise ValueError(
@@ -771,9 +739,9 @@ def _vision_to_torch(params: _Consumer) -> StateDict:
     return state
 
 
-def _vision_trunk_to_torch(params: _Consumer, wiring: Mapping[str, Any]) -> StateDict:
+def _vision_trunk_to_torch(params: Entries, wiring: Mapping[str, Any]) -> StateDict:
     """The ViT as open_clip's timm trunk (``visual.trunk.*``) and projection (see the wiring)."""
-    image = _unflatten(
+    image = unflatten(
         {
             key.removeprefix("image_encoder/"): params.take(key)
             for key in params.keys_under("image_encoder/")
@@ -805,7 +773,7 @@ def _vision_trunk_to_torch(params: _Consumer, wiring: Mapping[str, Any]) -> Stat
     return state
 
 
-def _text_to_torch(params: _Consumer) -> StateDict:
+def _text_to_torch(params: Entries) -> StateDict:
     take = params.take
     state = {
         "token_embedding.weight": take("text_encoder/token_embedding/embedding"),
@@ -816,13 +784,6 @@ def _text_to_torch(params: _Consumer) -> StateDict:
     if params.has("text_encoder/text_projection"):
         state["text_projection"] = take("text_encoder/text_projection")
     return state
-
-
-def _unwrap_variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accept ``variables`` ({"params": ...}) as well as the bare ``params`` tree."""
-    if set(params) == {"params"}:
-        return params["params"]
-    return params
 
 
 def to_open_clip_state_dict(
@@ -841,7 +802,7 @@ def to_open_clip_state_dict(
     tower under ``text.`` (CustomTextCLIP).
     """
     convert = lambda value: np.asarray(value, dtype=dtype)
-    params_consumer = _Consumer(_flatten(_unwrap_variables(params)), convert)
+    params_consumer = Entries(flatten(unwrap_variables(params)), convert, "JAX parameter")
     vision_cfg = (model_config or {}).get("vision_cfg", {})
     if vision_cfg.get("timm_model_name"):
         wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
@@ -858,7 +819,7 @@ def to_open_clip_state_dict(
     state["logit_scale"] = params_consumer.take("logit_scale")
     if params_consumer.has("logit_bias"):
         state["logit_bias"] = params_consumer.take("logit_bias")
-    params_consumer.check_all_taken("JAX parameter")
+    params_consumer.check_all_taken()
     # Transposes leave strided views; safetensors and torch want contiguous buffers.
     state = {key: np.asarray(value, dtype=dtype, order="C") for key, value in state.items()}
     if model_config is not None:
@@ -898,11 +859,10 @@ def _block_from_torch(
 
 
 def _transformer_from_torch(
-    state: _Consumer, torch_prefix: str, jax_prefix: str, num_heads: int
+    state: Entries, torch_prefix: str, jax_prefix: str, num_heads: int
 ) -> StateDict:
-    depth = _block_indices(
-        state.keys_under(torch_prefix), re.escape(torch_prefix) + r"resblocks\.(\d+)\."
-    )
+    pattern = re.escape(torch_prefix) + r"resblocks\.(\d+)\."
+    depth = block_count(state.keys_under(torch_prefix), pattern, "state dict")
     flat: StateDict = {}
     for index in range(depth):
         flat.update(
@@ -916,7 +876,7 @@ def _transformer_from_torch(
     return flat
 
 
-def _vision_from_torch(state: _Consumer, num_heads: int) -> StateDict:
+def _vision_from_torch(state: Entries, num_heads: int) -> StateDict:
     take = state.take
     return {
         "image_encoder/class_embedding": take("visual.class_embedding"),
@@ -931,7 +891,7 @@ def _vision_from_torch(state: _Consumer, num_heads: int) -> StateDict:
     }
 
 
-def _vision_trunk_from_torch(state: _Consumer, wiring: Mapping[str, Any]) -> StateDict:
+def _vision_trunk_from_torch(state: Entries, wiring: Mapping[str, Any]) -> StateDict:
     trunk = timm_trunks.split_qkv(
         {
             key.removeprefix("visual.trunk."): state.take(key)
@@ -944,7 +904,7 @@ def _vision_trunk_from_torch(state: _Consumer, wiring: Mapping[str, Any]) -> Sta
         proj_bias = trunk["head.bias"]
         trunk["head.bias"] = np.zeros_like(proj_bias)
     image = timm_eva.from_timm_state_dict(trunk, model_args=wiring["trunk_args"])
-    flat = {f"image_encoder/{key}": value for key, value in _flatten(image).items()}
+    flat = {f"image_encoder/{key}": value for key, value in flatten(image).items()}
     if wiring["projection"] == "head_proj":
         flat["image_encoder/proj"] = state.take("visual.head.proj.weight").T
         if wiring["proj_bias"]:
@@ -998,8 +958,10 @@ def from_open_clip_state_dict(
     state_dict = _in_config_layout(state_dict, model_config)
     check_state_dict_matches_config(state_dict, model_config)
     kwargs = jax_model_kwargs(model_config)
-    state = _Consumer(
-        _strip_custom_text_prefix(state_dict), lambda value: np.asarray(value, dtype=dtype)
+    state = Entries(
+        _strip_custom_text_prefix(state_dict),
+        lambda value: np.asarray(value, dtype=dtype),
+        "open_clip state dict",
     )
     take = state.take
     vision_cfg = model_config["vision_cfg"]
@@ -1026,8 +988,8 @@ def from_open_clip_state_dict(
         flat["text_encoder/text_projection"] = take("text_projection")
     if state.has("logit_bias"):
         flat["logit_bias"] = take("logit_bias")
-    state.check_all_taken("open_clip state dict")
-    return _unflatten({key: np.asarray(value, order="C") for key, value in flat.items()})
+    state.check_all_taken()
+    return unflatten({key: np.asarray(value, order="C") for key, value in flat.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1073,10 +1035,10 @@ def save_open_clip(
         "model_cfg": dict(model_config),
         "preprocess_cfg": {**default_preprocess_config(image_size), **(preprocess_cfg or {})},
     }
-    # Write to temporary names first so that an interrupted export never looks complete.
-    weights_path = path_dir / WEIGHTS_FILE_NAME
-    save_file(state, str(weights_path) + ".tmp", metadata={"format": "pt"})
-    Path(str(weights_path) + ".tmp").replace(weights_path)
+    write_atomically(
+        path_dir / WEIGHTS_FILE_NAME,
+        lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+    )
     _write_json(path_dir / CONFIG_FILE_NAME, config)
     if name is not None:
         if not re.fullmatch(r"[\w.\-]+", name):
@@ -1088,9 +1050,7 @@ def save_open_clip(
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    temporary.replace(path)
+    write_atomically(path, lambda file: file.write_text(json.dumps(content, indent=2) + "\n"))
 
 
 def _load_safetensors(path: Path) -> StateDict:

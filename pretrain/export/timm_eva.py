@@ -52,20 +52,39 @@ qk-norm, fc_norm pooling, other RoPE types...) are rejected with their argument'
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-WEIGHTS_FILE_NAME = "model.safetensors"
-CONFIG_FILE_NAME = "config.json"
+from pretrain.export.tree_io import (
+    OPENAI_DATASET_MEAN,
+    OPENAI_DATASET_STD,
+    TIMM_CONFIG_FILE_NAME,
+    TIMM_WEIGHTS_FILE_NAME,
+    Entries,
+    as_pair,
+    flatten,
+    layer_norm_from_torch,
+    layer_norm_to_torch,
+    linear_from_torch,
+    linear_to_torch,
+    mlp_ratio_for,
+    module_field,
+    read_timm_directory,
+    size_value,
+    timm_hub_config,
+    unflatten,
+    unwrap_variables,
+    write_timm_directory,
+)
+
+WEIGHTS_FILE_NAME = TIMM_WEIGHTS_FILE_NAME
+CONFIG_FILE_NAME = TIMM_CONFIG_FILE_NAME
 # timm's eva uses its own LayerNorm, whose eps defaults to 1e-6 (a model_arg cannot change it).
 TIMM_LAYER_NORM_EPS = 1e-6
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _POOL_TO_TIMM = {"cls": "token", "gap": "avg"}
 _POOL_FROM_TIMM = {v: k for k, v in _POOL_TO_TIMM.items()}
@@ -129,37 +148,10 @@ StateDict = dict[str, np.ndarray]
 # --------------------------------------------------------------------------------------------------
 
 
-def _field(vit: Any, name: str, default: Any = None) -> Any:
-    """A field of the ViT given as a Flax module instance (a dataclass) or a mapping."""
-    if isinstance(vit, Mapping):
-        return vit.get(name, default)
-    return getattr(vit, name, default)
-
-
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    height, width = value
-    return int(height), int(width)
-
-
-def _size_value(value: int | tuple[int, int] | list[int]) -> int | list[int]:
-    height, width = _pair(value)
-    return height if height == width else [height, width]
-
-
-def _mlp_ratio(width: int, mlp_dim: int) -> float:
-    """An ``mlp_ratio`` for which timm's ``int(width * mlp_ratio)`` gives back ``mlp_dim``."""
-    for ratio in (4 * 2 / 3, 4.0, mlp_dim / width, (mlp_dim + 0.5) / width):
-        if int(width * ratio) == mlp_dim:
-            return ratio
-    raise ValueError(f"no mlp_ratio gives {mlp_dim} hidden units at width {width}")
-
-
 def timm_architecture(vit: Any) -> str:
     """The registered timm name closest to this ViT (the model_args fix every detail anyway)."""
-    width = int(_field(vit, "width"))
-    if _field(vit, "attn_inner_norm", False):
+    width = int(module_field(vit, "width"))
+    if module_field(vit, "attn_inner_norm", False):
         return {1024: "eva02_large_patch14_clip_224"}.get(width, "eva02_base_patch16_clip_224")
     names = {
         192: "eva02_tiny_patch14_224",
@@ -177,49 +169,49 @@ def timm_model_args(vit: Any, *, image_size: int | tuple[int, int]) -> dict[str,
     ``ValueError`` naming the field when the ViT uses an option timm's ``Eva`` lacks.
     """
     problems = []
-    width, num_heads = int(_field(vit, "width")), int(_field(vit, "num_heads"))
-    if _field(vit, "qkv_bias", "qkv") not in ("qv", "none"):
+    width, num_heads = int(module_field(vit, "width")), int(module_field(vit, "num_heads"))
+    if module_field(vit, "qkv_bias", "qkv") not in ("qv", "none"):
         # timm's separate k_proj has no bias; with RoPE a key bias is not softmax-invariant.
         problems.append("qkv_bias='qkv' (timm's eva has no key bias: use 'qv' or 'none')")
-    eps = float(_field(vit, "layer_norm_eps", 1e-5))
+    eps = float(module_field(vit, "layer_norm_eps", 1e-5))
     if eps != TIMM_LAYER_NORM_EPS:
         problems.append(f"layer_norm_eps={eps} (timm's eva LayerNorm uses {TIMM_LAYER_NORM_EPS})")
-    pre_norm = bool(_field(vit, "pre_norm", True))
-    if bool(_field(vit, "patch_bias", False)) == pre_norm:
+    pre_norm = bool(module_field(vit, "pre_norm", True))
+    if bool(module_field(vit, "patch_bias", False)) == pre_norm:
         problems.append(
             f"patch_bias={not pre_norm} with pre_norm={pre_norm} (timm's patch embedding has a "
             "bias exactly when there is no pre-transformer norm)"
         )
-    pool = _field(vit, "pool", "cls")
+    pool = module_field(vit, "pool", "cls")
     if pool not in _POOL_TO_TIMM:
         problems.append(f"pool={pool!r}")
-    mlp_type = _field(vit, "mlp_type", "gelu")
+    mlp_type = module_field(vit, "mlp_type", "gelu")
     if mlp_type not in ("gelu", "swiglu"):
         problems.append(f"mlp_type={mlp_type!r}")
     if problems:
         raise ValueError("ViT options timm's Eva cannot express: " + ", ".join(problems))
 
-    mlp_dim = int(_field(vit, "mlp_dim") or 4 * width)
-    output_dim = _field(vit, "output_dim")
-    rope = bool(_field(vit, "rope", False))
-    ref_grid = _field(vit, "rope_ref_grid")
+    mlp_dim = int(module_field(vit, "mlp_dim") or 4 * width)
+    output_dim = module_field(vit, "output_dim")
+    rope = bool(module_field(vit, "rope", False))
+    ref_grid = module_field(vit, "rope_ref_grid")
     return {
-        "img_size": _size_value(image_size),
-        "patch_size": int(_field(vit, "patch_size")),
+        "img_size": size_value(image_size),
+        "patch_size": int(module_field(vit, "patch_size")),
         "embed_dim": width,
-        "depth": int(_field(vit, "depth")),
+        "depth": int(module_field(vit, "depth")),
         "num_heads": num_heads,
-        "qkv_bias": _field(vit, "qkv_bias", "qkv") == "qv",
+        "qkv_bias": module_field(vit, "qkv_bias", "qkv") == "qv",
         "qkv_fused": False,
-        "mlp_ratio": _mlp_ratio(width, mlp_dim),
+        "mlp_ratio": mlp_ratio_for(width, mlp_dim),
         "swiglu_mlp": mlp_type == "swiglu",
         # The project's SwiGLU always has its hidden LayerNorm (timm's SwiGLU + norm_layer).
         "scale_mlp": mlp_type == "swiglu",
-        "scale_attn_inner": bool(_field(vit, "attn_inner_norm", False)),
-        "use_abs_pos_emb": bool(_field(vit, "use_abs_pos", True)),
+        "scale_attn_inner": bool(module_field(vit, "attn_inner_norm", False)),
+        "use_abs_pos_emb": bool(module_field(vit, "use_abs_pos", True)),
         "use_rot_pos_emb": rope,
-        "rope_temperature": float(_field(vit, "rope_theta", 10000.0)),
-        "ref_feat_shape": list(_pair(ref_grid)) if rope and ref_grid is not None else None,
+        "rope_temperature": float(module_field(vit, "rope_theta", 10000.0)),
+        "ref_feat_shape": list(as_pair(ref_grid)) if rope and ref_grid is not None else None,
         "use_pre_transformer_norm": pre_norm,
         "use_post_transformer_norm": True,
         "use_fc_norm": False,
@@ -269,12 +261,12 @@ def vit_kwargs_from_timm(model_args: Mapping[str, Any]) -> dict[str, Any]:
     args = {**_TIMM_EVA_DEFAULTS, **model_args}
     width = int(args["embed_dim"])
     ref = args["ref_feat_shape"]
-    ref_grid = None if ref is None else _pair(ref)
+    ref_grid = None if ref is None else as_pair(ref)
     if ref_grid is not None and ref_grid[0] == ref_grid[1]:
         ref_grid = ref_grid[0]
     num_classes = int(args["num_classes"])
     return {
-        "patch_size": _pair(args["patch_size"])[0],
+        "patch_size": as_pair(args["patch_size"])[0],
         "width": width,
         "depth": int(args["depth"]),
         "num_heads": int(args["num_heads"]),
@@ -291,7 +283,7 @@ def vit_kwargs_from_timm(model_args: Mapping[str, Any]) -> dict[str, Any]:
         "mlp_type": "swiglu" if args["swiglu_mlp"] else "gelu",
         "qkv_bias": "qv" if args["qkv_bias"] else "none",
         "attn_inner_norm": bool(args["scale_attn_inner"]),
-        "image_size": _pair(args["img_size"]),
+        "image_size": as_pair(args["img_size"]),
     }
 
 
@@ -383,75 +375,7 @@ def check_state_dict_matches_args(
 # --------------------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{name}/"))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return tree
-
-
-class _Entries:
-    """Hands out the entries of a flat mapping once each, so that leftovers can be reported."""
-
-    def __init__(self, flat: Mapping[str, Any], convert: Callable[[Any], np.ndarray], what: str):
-        self._remaining = dict(flat)
-        self._convert = convert
-        self._what = what
-
-    def take(self, key: str) -> np.ndarray:
-        if key not in self._remaining:
-            raise KeyError(f"{self._what} has no {key!r}")
-        return self._convert(self._remaining.pop(key))
-
-    def has(self, key: str) -> bool:
-        return key in self._remaining
-
-    def block_count(self, pattern: str) -> int:
-        """Number of blocks whose index ``pattern`` captures, checking they run 0..n-1."""
-        found = {int(m.group(1)) for key in self._remaining if (m := re.match(pattern, key))}
-        if sorted(found) != list(range(len(found))):
-            raise ValueError(f"{self._what}: block indices are not contiguous from 0: {found}")
-        return len(found)
-
-    def check_all_taken(self) -> None:
-        if self._remaining:
-            raise ValueError(f"{self._what} entries with no mapping: {sorted(self._remaining)}")
-
-
-def _unwrap_variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accept ``variables`` ({"params": ...}) as well as the bare ``params`` tree."""
-    return params["params"] if set(params) == {"params"} else params
-
-
-def _linear_to_timm(jax_params: _Entries, jax: str, timm: str, bias: bool = True) -> StateDict:
-    state = {f"{timm}.weight": jax_params.take(f"{jax}/kernel").T}
-    if bias:
-        state[f"{timm}.bias"] = jax_params.take(f"{jax}/bias")
-    return state
-
-
-def _norm_to_timm(jax_params: _Entries, jax: str, timm: str) -> StateDict:
-    return {
-        f"{timm}.weight": jax_params.take(f"{jax}/scale").reshape(-1),
-        f"{timm}.bias": jax_params.take(f"{jax}/bias").reshape(-1),
-    }
-
-
-def _attention_to_timm(jax_params: _Entries, jax: str, timm: str) -> StateDict:
+def _attention_to_timm(jax_params: Entries, jax: str, timm: str) -> StateDict:
     state: StateDict = {}
     for jax_name, timm_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
         kernel = jax_params.take(f"{jax}/{jax_name}/kernel")  # (W, H, D)
@@ -462,24 +386,24 @@ def _attention_to_timm(jax_params: _Entries, jax: str, timm: str) -> StateDict:
                 -1
             )
     if jax_params.has(f"{jax}/inner_norm/scale"):
-        state.update(_norm_to_timm(jax_params, f"{jax}/inner_norm", f"{timm}.norm"))
+        state.update(layer_norm_to_torch(jax_params, f"{jax}/inner_norm", f"{timm}.norm"))
     out_kernel = jax_params.take(f"{jax}/out/kernel")  # (H, D, W)
     state[f"{timm}.proj.weight"] = out_kernel.reshape(-1, out_kernel.shape[-1]).T
     state[f"{timm}.proj.bias"] = jax_params.take(f"{jax}/out/bias")
     return state
 
 
-def _mlp_to_timm(jax_params: _Entries, jax: str, timm: str) -> StateDict:
+def _mlp_to_timm(jax_params: Entries, jax: str, timm: str) -> StateDict:
     if jax_params.has(f"{jax}/c_fc/kernel"):
         return {
-            **_linear_to_timm(jax_params, f"{jax}/c_fc", f"{timm}.fc1"),
-            **_linear_to_timm(jax_params, f"{jax}/c_proj", f"{timm}.fc2"),
+            **linear_to_torch(jax_params, f"{jax}/c_fc", f"{timm}.fc1"),
+            **linear_to_torch(jax_params, f"{jax}/c_proj", f"{timm}.fc2"),
         }
     return {
-        **_linear_to_timm(jax_params, f"{jax}/fc1_g", f"{timm}.fc1_g"),
-        **_linear_to_timm(jax_params, f"{jax}/fc1_x", f"{timm}.fc1_x"),
-        **_norm_to_timm(jax_params, f"{jax}/norm", f"{timm}.norm"),
-        **_linear_to_timm(jax_params, f"{jax}/fc2", f"{timm}.fc2"),
+        **linear_to_torch(jax_params, f"{jax}/fc1_g", f"{timm}.fc1_g"),
+        **linear_to_torch(jax_params, f"{jax}/fc1_x", f"{timm}.fc1_x"),
+        **layer_norm_to_torch(jax_params, f"{jax}/norm", f"{timm}.norm"),
+        **linear_to_torch(jax_params, f"{jax}/fc2", f"{timm}.fc2"),
     }
 
 
@@ -496,8 +420,8 @@ def to_timm_state_dict(
     raises ``ValueError``; with ``model_args`` (:func:`timm_model_args`) the result is also checked
     against the keys and shapes timm builds.
     """
-    entries = _Entries(
-        _flatten(_unwrap_variables(params)), lambda v: np.asarray(v, dtype=dtype), "ViT params"
+    entries = Entries(
+        flatten(unwrap_variables(params)), lambda v: np.asarray(v, dtype=dtype), "ViT params"
     )
     take = entries.take
     state: StateDict = {
@@ -510,15 +434,15 @@ def to_timm_state_dict(
     if entries.has("positional_embedding"):
         state["pos_embed"] = take("positional_embedding")[None]
     if entries.has("ln_pre/scale"):
-        state.update(_norm_to_timm(entries, "ln_pre", "norm_pre"))
+        state.update(layer_norm_to_torch(entries, "ln_pre", "norm_pre"))
     depth = entries.block_count(r"transformer/resblocks_(\d+)/")
     for index in range(depth):
         jax, timm = f"transformer/resblocks_{index}", f"blocks.{index}"
-        state.update(_norm_to_timm(entries, f"{jax}/ln_1", f"{timm}.norm1"))
+        state.update(layer_norm_to_torch(entries, f"{jax}/ln_1", f"{timm}.norm1"))
         state.update(_attention_to_timm(entries, f"{jax}/attn", f"{timm}.attn"))
-        state.update(_norm_to_timm(entries, f"{jax}/ln_2", f"{timm}.norm2"))
+        state.update(layer_norm_to_torch(entries, f"{jax}/ln_2", f"{timm}.norm2"))
         state.update(_mlp_to_timm(entries, f"{jax}/mlp", f"{timm}.mlp"))
-    state.update(_norm_to_timm(entries, "ln_post", "norm"))
+    state.update(layer_norm_to_torch(entries, "ln_post", "norm"))
     if entries.has("proj"):
         proj = take("proj")  # (W, O): the ViT projects without a bias
         state["head.weight"] = proj.T
@@ -567,20 +491,8 @@ def from_timm_state_dict(
     num_heads = kwargs["num_heads"]
     width = kwargs["width"]
     head_dim = width // num_heads
-    entries = _Entries(state_dict, lambda v: np.asarray(v, dtype=dtype), "timm state dict")
+    entries = Entries(state_dict, lambda v: np.asarray(v, dtype=dtype), "timm state dict")
     take = entries.take
-
-    def linear(timm: str, jax: str, bias: bool = True) -> StateDict:
-        out = {f"{jax}/kernel": take(f"{timm}.weight").T}
-        if bias:
-            out[f"{jax}/bias"] = take(f"{timm}.bias")
-        return out
-
-    def norm(timm: str, jax: str, shape: tuple[int, ...] = (-1,)) -> StateDict:
-        return {
-            f"{jax}/scale": take(f"{timm}.weight").reshape(shape),
-            f"{jax}/bias": take(f"{timm}.bias").reshape(shape),
-        }
 
     flat: StateDict = {
         "class_embedding": take("cls_token").reshape(width),
@@ -591,10 +503,10 @@ def from_timm_state_dict(
     if entries.has("pos_embed"):
         flat["positional_embedding"] = take("pos_embed")[0]
     if entries.has("norm_pre.weight"):
-        flat.update(norm("norm_pre", "ln_pre"))
+        flat.update(layer_norm_from_torch(entries, "norm_pre", "ln_pre"))
     for index in range(kwargs["depth"]):
         timm, jax = f"blocks.{index}", f"transformer/resblocks_{index}"
-        flat.update(norm(f"{timm}.norm1", f"{jax}/ln_1"))
+        flat.update(layer_norm_from_torch(entries, f"{timm}.norm1", f"{jax}/ln_1"))
         for timm_name, jax_name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
             weight = take(f"{timm}.attn.{timm_name}.weight")  # (H*D, W)
             flat[f"{jax}/attn/{jax_name}/kernel"] = weight.T.reshape(width, num_heads, head_dim)
@@ -602,21 +514,24 @@ def from_timm_state_dict(
                 bias = take(f"{timm}.attn.{timm_name}.bias")
                 flat[f"{jax}/attn/{jax_name}/bias"] = bias.reshape(num_heads, head_dim)
         if entries.has(f"{timm}.attn.norm.weight"):
-            flat.update(norm(f"{timm}.attn.norm", f"{jax}/attn/inner_norm", (num_heads, head_dim)))
+            inner_norm = layer_norm_from_torch(
+                entries, f"{timm}.attn.norm", f"{jax}/attn/inner_norm", (num_heads, head_dim)
+            )
+            flat.update(inner_norm)
         flat[f"{jax}/attn/out/kernel"] = take(f"{timm}.attn.proj.weight").T.reshape(
             num_heads, head_dim, width
         )
         flat[f"{jax}/attn/out/bias"] = take(f"{timm}.attn.proj.bias")
-        flat.update(norm(f"{timm}.norm2", f"{jax}/ln_2"))
+        flat.update(layer_norm_from_torch(entries, f"{timm}.norm2", f"{jax}/ln_2"))
         if kwargs["mlp_type"] == "swiglu":
-            flat.update(linear(f"{timm}.mlp.fc1_g", f"{jax}/mlp/fc1_g"))
-            flat.update(linear(f"{timm}.mlp.fc1_x", f"{jax}/mlp/fc1_x"))
-            flat.update(norm(f"{timm}.mlp.norm", f"{jax}/mlp/norm"))
-            flat.update(linear(f"{timm}.mlp.fc2", f"{jax}/mlp/fc2"))
+            flat.update(linear_from_torch(entries, f"{timm}.mlp.fc1_g", f"{jax}/mlp/fc1_g"))
+            flat.update(linear_from_torch(entries, f"{timm}.mlp.fc1_x", f"{jax}/mlp/fc1_x"))
+            flat.update(layer_norm_from_torch(entries, f"{timm}.mlp.norm", f"{jax}/mlp/norm"))
+            flat.update(linear_from_torch(entries, f"{timm}.mlp.fc2", f"{jax}/mlp/fc2"))
         else:
-            flat.update(linear(f"{timm}.mlp.fc1", f"{jax}/mlp/c_fc"))
-            flat.update(linear(f"{timm}.mlp.fc2", f"{jax}/mlp/c_proj"))
-    flat.update(norm("norm", "ln_post"))
+            flat.update(linear_from_torch(entries, f"{timm}.mlp.fc1", f"{jax}/mlp/c_fc"))
+            flat.update(linear_from_torch(entries, f"{timm}.mlp.fc2", f"{jax}/mlp/c_proj"))
+    flat.update(layer_norm_from_torch(entries, "norm", "ln_post"))
     if entries.has("head.weight"):
         head_bias = take("head.bias")
         if np.any(head_bias != 0):
@@ -625,7 +540,7 @@ def from_timm_state_dict(
             )
         flat["proj"] = take("head.weight").T
     entries.check_all_taken()
-    return _unflatten({key: np.ascontiguousarray(value) for key, value in flat.items()})
+    return unflatten({key: np.ascontiguousarray(value) for key, value in flat.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -642,33 +557,9 @@ def timm_config(
 ) -> dict[str, Any]:
     """timm's Hub ``config.json`` content for this ViT: architecture, model_args, pretrained_cfg."""
     model_args = timm_model_args(vit, image_size=image_size)
-    height, width = _pair(image_size)
-    return {
-        "architecture": timm_architecture(vit),
-        "num_classes": model_args["num_classes"],
-        "num_features": model_args["embed_dim"],
-        "global_pool": model_args["global_pool"],
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, height, width],
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "mean": list(mean),
-            "std": list(std),
-            "num_classes": model_args["num_classes"],
-            "pool_size": None,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-    }
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    temporary.replace(path)
+    return timm_hub_config(
+        timm_architecture(vit), model_args, image_size=image_size, mean=mean, std=std
+    )
 
 
 def save_timm(
@@ -684,35 +575,13 @@ def save_timm(
     """Write ``model.safetensors`` and ``config.json`` (timm's local-dir / Hub layout); returns the
     directory. ``vit`` is the ``VisionTransformer`` (or a mapping of its fields), ``params`` its
     parameter tree, ``mean``/``std`` the normalisation the model was trained with."""
-    from safetensors.numpy import save_file
-
     config = timm_config(vit, image_size=image_size, mean=mean, std=std)
     state = to_timm_state_dict(params, model_args=config["model_args"], dtype=dtype)
-    path_dir = Path(path_dir)
-    path_dir.mkdir(parents=True, exist_ok=True)
-    # Temporary names first, so that an interrupted export never looks complete.
-    _write_atomically(
-        path_dir / WEIGHTS_FILE_NAME,
-        lambda path: save_file(state, str(path), metadata={"format": "pt"}),
-    )
-    _write_atomically(
-        path_dir / CONFIG_FILE_NAME,
-        lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
-    )
-    return path_dir
+    return write_timm_directory(path_dir, state, config)
 
 
 def load_timm(path_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a timm export directory (ours, or a timm eva Hub snapshot with complete model_args):
     ``(model_args, params)``; ``vit_kwargs_from_timm(model_args)`` says which ViT to build."""
-    import safetensors.numpy
-
-    path_dir = Path(path_dir)
-    config = json.loads((path_dir / CONFIG_FILE_NAME).read_text())
-    model_args = dict(config.get("model_args", {}))
-    if "num_classes" in config:
-        model_args.setdefault("num_classes", config["num_classes"])
-    if "global_pool" in config:
-        model_args.setdefault("global_pool", config["global_pool"])
-    state_dict = safetensors.numpy.load_file(str(path_dir / WEIGHTS_FILE_NAME))
+    model_args, state_dict = read_timm_directory(path_dir)
     return model_args, from_timm_state_dict(state_dict, model_args=model_args)

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from ml_collections import ConfigDict
 
 from losses.contrastive import clip_loss
-from losses.range_augment import image_mse, psnr_target_loss, target_mse_schedule
 from losses.sigmoid import sigmoid_loss, sigmoid_loss_ring
-from models.range_augment import RangeAugment
 from models.two_tower import (
     CLIP_LOGIT_SCALE_INIT,
     SIGLIP_LOGIT_BIAS_INIT,
@@ -30,9 +30,10 @@ from pretrain import sharding
 from pretrain.data import image_text
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.evaluate import image_text_eval
-from pretrain.export import open_clip
+from pretrain.export import open_clip, timm_eva
 from pretrain.tasks import base
 from pretrain.tasks.clip_teacher import build_teacher, run_params
+from pretrain.tasks.range_augment import RangeAugmentStage
 
 LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
 # open_clip clamps the learned temperature so that the logit scale never exceeds 100.
@@ -56,6 +57,35 @@ def build_two_tower(model_config: ConfigDict, loss_name: str) -> TwoTowerModel:
     )
 
 
+# Fields of a tower that change what its weights compute (not only their shapes).
+TOWER_FIELDS = (
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "vocab_size",
+    "context_length",
+    "output_dim",
+    "causal",
+    "activation",
+    "layer_norm_eps",
+)
+
+
+def check_same_tower(source: Any, target: Any, name: str) -> None:
+    """Weights of ``source`` may initialise ``target``: same architecture, not only same shapes."""
+    differences = [
+        f"{field}: {getattr(source, field)!r} vs {getattr(target, field)!r}"
+        for field in TOWER_FIELDS
+        if hasattr(source, field) and getattr(source, field) != getattr(target, field, None)
+    ]
+    if differences:
+        raise ValueError(
+            f"the {name} tower to initialise from differs from config.model.{name}: "
+            + "; ".join(differences)
+        )
+
+
 class Task(base.Task):
     batch_fields = ("image", "text")
 
@@ -67,10 +97,7 @@ class Task(base.Task):
         self.model = build_two_tower(config.model, self.loss_name)
         self.image_size = int(config.data.image_size)
         self.context_length = int(config.model.text.context_length)
-        augment = config.get("range_augment")
-        self.range_augment = (
-            RangeAugment(tuple(augment.operations)) if augment and augment.enabled else None
-        )
+        self.range_augment = RangeAugmentStage.from_config(config)
         self._evaluator: image_text_eval.ImageTextEvaluator | None = None
 
     # -- model ---------------------------------------------------------------------------------
@@ -81,8 +108,7 @@ class Task(base.Task):
         model_rng, augment_rng = jax.random.split(rng)
         params = self.model.init(model_rng, images, tokens)["params"]
         if self.range_augment is not None:
-            augment = self.range_augment.init(augment_rng, images, augment_rng)["params"]
-            params = {**params, "range_augment": augment}
+            params = {**params, "range_augment": self.range_augment.init(augment_rng, images)}
         return params
 
     def _encode_unit_images(self, params: Any, images: jax.Array) -> jax.Array:
@@ -109,10 +135,8 @@ class Task(base.Task):
         images = batch["image"].astype(jnp.float32) / 255.0
         embeddings = {}
         if self.range_augment is not None:
-            augmented = self.range_augment.apply({"params": params["range_augment"]}, images, rng)
-            # Per image, so that exact gradient accumulation can carry it like an embedding.
-            embeddings["augment_mse"] = image_mse(images, augmented)
-            images = augmented
+            # The MSE per image, so that exact gradient accumulation carries it like an embedding.
+            images, embeddings["augment_mse"] = self.range_augment.augment(params, images, rng)
         embeddings["image"] = self._encode_unit_images(params, images)
         embeddings["text"] = self.encode_texts(params, batch["text"])
         return embeddings
@@ -145,36 +169,12 @@ class Task(base.Task):
         if len(scalars) == 2:
             metrics["logit_bias"] = scalars[1]
         if "augment_mse" in embeddings:
-            augment_loss, augment_metrics = self._range_augment_loss(
+            augment_loss, augment_metrics = self.range_augment.loss(
                 params, embeddings["augment_mse"], step
             )
             value = value + augment_loss
             metrics.update(augment_metrics)
         return value, metrics
-
-    def _range_augment_loss(
-        self, params: Any, mse: jax.Array, step: jax.Array
-    ) -> tuple[jax.Array, base.Metrics]:
-        """RangeAugment's pull of the augmented images' PSNR towards the annealed target."""
-        settings = self.config.range_augment
-        start_psnr, end_psnr = settings.target_psnr
-        target = target_mse_schedule(
-            step, int(self.config.total_steps), start_psnr, end_psnr, settings.curriculum
-        )
-        loss = psnr_target_loss(mse, target, alpha=float(settings.alpha))
-        to_psnr = lambda m: 20 * jnp.log10(255.0) - 10 * jnp.log10(jnp.maximum(m, 1e-10))
-        metrics = {
-            "range_augment/loss": loss,
-            "range_augment/psnr": to_psnr(mse).mean(),
-            "range_augment/target_psnr": to_psnr(target),
-        }
-        ranges = self.range_augment.apply(
-            {"params": params["range_augment"]}, method=RangeAugment.magnitude_ranges
-        )
-        for name, (low, high) in ranges.items():
-            metrics[f"range_augment/{name}_low"] = low
-            metrics[f"range_augment/{name}_high"] = high
-        return loss, metrics
 
     def loss_fn(
         self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
@@ -218,25 +218,55 @@ class Task(base.Task):
             return None
         pretrained = {}
         image_from = init.get("image_from")
-        if image_from and image_from.get("workdir"):
-            params = run_params(image_from.config, image_from.workdir, str(image_from.step))
+        if image_from:
+            if not image_from.get("workdir"):
+                raise ValueError(
+                    "config.init.image_from.workdir is empty: name the run whose image tower "
+                    "initialises this one (e.g. --config.init.image_from.workdir=workdirs/uta)"
+                )
+            params = run_params(
+                image_from.config,
+                image_from.workdir,
+                str(image_from.step),
+                image_from.get("use_ema"),
+            )
             for key in filter(None, image_from.get("subtree", "").split("/")):
                 params = params[key]
             pretrained["image_encoder"] = params
         text_from = init.get("text_from")
-        if text_from and text_from.get("source"):
+        if text_from:
             teacher = build_teacher(ConfigDict({**text_from.to_dict(), "dtype": "float32"}))
+            check_same_tower(teacher.model.text_encoder, self.model.text_encoder, "text")
             pretrained["text_encoder"] = teacher.load()["text_encoder"]
         return pretrained or None
 
     def export(self, params: Any, directory: str) -> str:
-        """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py."""
+        """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py.
+
+        An EVA-style image tower (e.g. UTA's) becomes a timm trunk in open_clip: a registered one
+        when the architecture matches, else the tower's own timm export in ``timm_trunk/``
+        (referenced as ``local-dir:``; open_clip then needs that folder where it loads).
+        """
         params = {k: v for k, v in params.items() if k != "range_augment"}  # training only
+        fixed_scale = self.config.loss.get("fixed_logit_scale")
+        if fixed_scale:  # the scale the model was trained and is used with
+            params["logit_scale"] = np.asarray(np.log(fixed_scale), np.float32)
+        image = self.model.image_encoder
+        trunk_name = None
+        if not open_clip.is_open_clip_vit(image):
+            trunk_name = open_clip.registered_timm_trunk(image, self.image_size)
+            if trunk_name is None:
+                trunk_dir = Path(directory) / "timm_trunk"
+                timm_eva.save_timm(
+                    trunk_dir, params["image_encoder"], image, image_size=self.image_size
+                )
+                trunk_name = f"local-dir:{trunk_dir.resolve()}"
         model_config = open_clip.open_clip_model_config(
-            self.model.image_encoder,
+            image,
             self.model.text_encoder,
             image_size=self.image_size,
             init_logit_bias=self.model.logit_bias_init,
+            timm_model_name=trunk_name,
         )
         return str(open_clip.save_open_clip(directory, params, model_config))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from ml_collections import ConfigDict
 
 from models.text import TextTransformer
@@ -90,24 +92,57 @@ class Teacher:
         return _cast(params, self.dtype)
 
 
-def run_params(recipe_spec: str, workdir: str, step: str = "best") -> Any:
-    """The parameters of a run of this project (host arrays): ``recipe_spec`` is the run's
-    config ("configs/uta_vitl.py:runlocal"), ``step`` "best" | "latest" | a number."""
+def run_config(workdir: str, recipe_spec: str = "") -> ConfigDict:
+    """The config a run of this project was trained with: its saved ``config.json`` (with the
+    run's command-line overrides), else the recipe ``recipe_spec`` names."""
+    saved = epath.Path(workdir) / "config.json" if workdir else None
+    if saved is not None and saved.exists():
+        return ConfigDict(json.loads(saved.read_text()))
+    if not recipe_spec:
+        raise FileNotFoundError(f"no config.json in {workdir!r} and no recipe given")
+    return load_recipe(recipe_spec)
+
+
+def restore_run(
+    recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
+) -> tuple[base.Task, Any]:
+    """The task and parameters (host arrays) of a run of this project. ``step`` is "best" |
+    "latest" | a number; ``use_ema`` picks the EMA parameters (None: the EMA when the run kept
+    one)."""
     # Imported here: the trainer imports the task modules' base, not the other way round.
     from pretrain import sharding, trainer
 
-    recipe = load_recipe(recipe_spec)
-    _, state = trainer.restore_trained(recipe, workdir, str(step))
+    if not workdir:
+        raise ValueError(f"no workdir given for the run of {recipe_spec!r} to load weights from")
+    recipe = run_config(workdir, recipe_spec)
+    task, state = trainer.restore_trained(recipe, workdir, str(step))
+    if use_ema is None:
+        use_ema = "ema_params" in state
+    key = "ema_params" if use_ema else "params"
+    if key not in state:
+        raise ValueError(f"the run in {workdir} kept no EMA parameters (ema_decay was off)")
     mesh = sharding.make_mesh(recipe.mesh)
     # Gather every shard (from every host) into whole arrays first.
-    replicated = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state["params"])
+    replicated = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state[key])
     params = jax.device_get(replicated)
     # Training-only parameters (RangeAugment's ranges) are not part of the model.
-    return {k: v for k, v in params.items() if k != "range_augment"}
+    return task, {k: v for k, v in params.items() if k != "range_augment"}
+
+
+def run_params(
+    recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
+) -> Any:
+    """The parameters of a run of this project (see :func:`restore_run`)."""
+    return restore_run(recipe_spec, workdir, step, use_ema)[1]
 
 
 def _params_from_workdir(teacher_config: ConfigDict) -> Any:
-    return run_params(teacher_config.config, teacher_config.workdir, str(teacher_config.step))
+    return run_params(
+        teacher_config.config,
+        teacher_config.workdir,
+        str(teacher_config.step),
+        teacher_config.get("use_ema"),
+    )
 
 
 def open_clip_teacher_config(teacher_config: ConfigDict) -> dict[str, Any]:
@@ -145,7 +180,7 @@ def build_teacher(teacher_config: ConfigDict) -> Teacher:
     if source == "workdir":
         from pretrain.tasks.clip import build_two_tower
 
-        recipe = load_recipe(teacher_config.config)
+        recipe = run_config(teacher_config.get("workdir", ""), teacher_config.config)
         recipe.model.update({"dtype": str(dtype.name), "param_dtype": str(dtype.name)})
         image_size = int(recipe.data.image_size)
         # Position embeddings stay those of training; other input sizes resize them.

@@ -65,6 +65,9 @@ class Task(base.Task):
     def __init__(self, config: ConfigDict, mesh: Mesh):
         super().__init__(config, mesh)
         self.teacher = build_teacher(config.teacher)
+        if getattr(self.teacher.model.image_encoder, "pool", "cls") != "cls":
+            # Its class token is its CLIP embedding only when it pools the class token.
+            raise ValueError("UTA needs a teacher whose image tower pools its class token")
         self.grid_match = config.teacher.get("grid_match", "interpolate_tokens")
         if self.grid_match not in GRID_MATCHES:
             raise ValueError(f"teacher.grid_match={self.grid_match!r}; use one of {GRID_MATCHES}")

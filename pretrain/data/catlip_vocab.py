@@ -1,0 +1,398 @@
+"""CatLIP's class vocabulary: the WordNet noun synsets that enough records of a data set mention.
+
+A synset counts once per record (the union over the record's captions), so its count is the
+number of records whose captions name it. The vocabulary keeps synsets with count >= ``min_count``
+(the paper's V_tau: 500 on DataComp-1.3B gives 24,320 classes), sorted by count (descending, ties
+by id), optionally truncated to ``max_size``. Labels are extracted by
+:class:`pretrain.data.synset_labels.SynsetExtractor` (CoreNet's rule).
+
+The vocabulary is a TSV file, one class per row in class order, under a header line::
+
+    synset_id<TAB>name<TAB>count
+    n2084071<TAB>dog.n.01<TAB>123456
+
+Building one reads every record's captions, in parallel over index ranges with worker processes
+that each open the data source themselves from its config (sources need not be picklable)::
+
+    python -m pretrain.data.catlip_vocab --config=configs/catlip_vitb16.py:runlocal \\
+        --output=vocab.tsv [--min_count=N] [--max_size=N] [--processes=N]
+
+It reads ``config.data.train``; ``--min_count`` / ``--max_size`` default to ``config.vocab``'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+from pretrain.data import pipeline
+from pretrain.data.synset_labels import SynsetExtractor, normalize_synset_id, synset_name
+
+HEADER = ("synset_id", "name", "count")
+# Index ranges handed to one worker at a time: enough chunks per worker to balance the load and
+# show progress, few enough that merging the per-chunk counts stays cheap.
+_CHUNKS_PER_PROCESS = 16
+_CHUNK_SIZE_RANGE = (16, 20_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabEntry:
+    """One class: its synset id (CoreNet form, e.g. "n2084071"), name and record count."""
+
+    synset_id: str
+    name: str
+    count: int
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def record_synsets(captions: Sequence[str] | str, extractor: SynsetExtractor) -> set[str]:
+    """Synset ids named by any of a record's captions (a single string is one caption)."""
+    if isinstance(captions, str):
+        captions = [captions]
+    found: set[str] = set()
+    for caption in captions:
+        found.update(extractor(caption))
+    return found
+
+
+def count_synsets(
+    captions_per_record: Iterable[Sequence[str]], extractor: SynsetExtractor | None = None
+) -> collections.Counter:
+    """Synset id -> number of records (caption lists) that mention it."""
+    extractor = extractor if extractor is not None else SynsetExtractor()
+    counts: collections.Counter = collections.Counter()
+    for captions in captions_per_record:
+        counts.update(record_synsets(captions, extractor))
+    return counts
+
+
+def _id_order(synset_id: str) -> tuple[str, int]:
+    normalized = normalize_synset_id(synset_id)
+    return normalized[0], int(normalized[1:])
+
+
+def build_vocabulary(
+    counts: Mapping[str, int], min_count: int, max_size: int = 0
+) -> list[VocabEntry]:
+    """Synsets with ``count >= min_count``, by count descending then id; at most ``max_size``
+    (0: no limit)."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    if max_size < 0:
+        raise ValueError(f"max_size must be >= 0 (0: no limit), got {max_size}")
+    kept = [(synset_id, int(count)) for synset_id, count in counts.items() if count >= min_count]
+    kept.sort(key=lambda item: (-item[1], _id_order(item[0])))
+    if max_size:
+        kept = kept[:max_size]
+    return [
+        VocabEntry(normalize_synset_id(synset_id), synset_name(synset_id), count)
+        for synset_id, count in kept
+    ]
+
+
+# ----------------------------------------------------------------------------- the TSV file
+
+
+def write_vocabulary(path: str | os.PathLike, entries: Sequence[VocabEntry]) -> None:
+    """Write the vocabulary TSV (local path or URL such as gs://), replacing any old file whole."""
+    lines = ["\t".join(HEADER)]
+    lines += [f"{entry.synset_id}\t{entry.name}\t{entry.count}" for entry in entries]
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.replace(path)
+
+
+def _parse_row(fields: list[str], where: str) -> VocabEntry:
+    if len(fields) != len(HEADER):
+        raise ValueError(f"{where}: expected {len(HEADER)} tab-separated fields, got {fields}")
+    synset_id, name, count = fields
+    try:
+        synset_id = normalize_synset_id(synset_id)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    try:
+        count = int(count)
+    except ValueError:
+        raise ValueError(f"{where}: count {count!r} is not an integer") from None
+    return VocabEntry(synset_id, name, count)
+
+
+def read_vocabulary(path: str | os.PathLike) -> list[VocabEntry]:
+    """The entries of a vocabulary TSV, in class order; ValueError naming the bad line."""
+    lines = epath.Path(path).read_text().splitlines()
+    if not lines or tuple(lines[0].split("\t")) != HEADER:
+        found = lines[0] if lines else "an empty file"
+        raise ValueError(f"{path}:1: expected the header {chr(9).join(HEADER)!r}, got {found!r}")
+    entries, line_of = [], {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        entry = _parse_row(line.split("\t"), f"{path}:{number}")
+        if entry.synset_id in line_of:
+            raise ValueError(
+                f"{path}:{number}: {entry.synset_id} already listed on line "
+                f"{line_of[entry.synset_id]}"
+            )
+        line_of[entry.synset_id] = number
+        entries.append(entry)
+    return entries
+
+
+# ----------------------------------------------------------------------------- data sources
+
+
+def _count_records(source: Any, indices: range, extractor: SynsetExtractor) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for index in indices:
+        _, captions = pipeline.image_and_captions(source[index], require_captions=False)
+        counts.update(record_synsets(captions, extractor))
+    return counts
+
+
+def _chunks(num_records: int, processes: int) -> list[range]:
+    low, high = _CHUNK_SIZE_RANGE
+    size = min(max(num_records // (processes * _CHUNKS_PER_PROCESS), low), high)
+    return [range(start, min(start + size, num_records)) for start in range(0, num_records, size)]
+
+
+class _Progress:
+    """Records/s and ETA on stderr, at most every ``every_s`` seconds (0: only the summary)."""
+
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def _line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        percent = 100.0 * self.done / max(self.total, 1)
+        return (
+            f"vocabulary: {self.done:,}/{self.total:,} records ({percent:.1f}%), "
+            f"{rate:,.0f} records/s, ETA {eta:,.0f} s"
+        )
+
+    def update(self, records: int) -> None:
+        self.done += records
+        now = time.monotonic()
+        if self.every_s > 0 and now - self.last >= self.every_s:
+            self.last = now
+            print(self._line(now), file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        elapsed = time.monotonic() - self.start
+        print(
+            f"vocabulary: read {self.done:,} records in {elapsed:,.1f} s "
+            f"({self.done / max(elapsed, 1e-9):,.0f} records/s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# Per worker process: its own source and extractor (with its own word cache).
+_worker_state: dict[str, Any] = {}
+
+
+def _use_cpu_only() -> None:
+    """Keep JAX (imported with grain; a source may ask it for the process count) off the
+    accelerators: reading captions needs none, and a TPU opened here is locked for training."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
+
+def _start_worker(make_source: Callable[[], Any]) -> None:
+    _use_cpu_only()
+    _worker_state["source"] = make_source()
+    _worker_state["extractor"] = SynsetExtractor()
+
+
+def _count_chunk(indices: range) -> tuple[collections.Counter, int]:
+    counts = _count_records(_worker_state["source"], indices, _worker_state["extractor"])
+    return counts, len(indices)
+
+
+def _default_processes() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _count_source(
+    source: Any,
+    make_source: Callable[[], Any],
+    *,
+    processes: int,
+    progress_every: float,
+) -> tuple[collections.Counter, int]:
+    num_records = len(source)
+    processes = processes or _default_processes()
+    chunks = _chunks(num_records, processes)
+    progress = _Progress(num_records, progress_every)
+    counts: collections.Counter = collections.Counter()
+    if processes == 1 or len(chunks) <= 1:
+        extractor = SynsetExtractor()
+        for indices in chunks:
+            counts.update(_count_records(source, indices, extractor))
+            progress.update(len(indices))
+    else:
+        # Spawned, not forked: the parent may have started JAX's threads, which fork breaks.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes, initializer=_start_worker, initargs=(make_source,)) as pool:
+            for chunk_counts, records in pool.imap_unordered(_count_chunk, chunks):
+                counts.update(chunk_counts)
+                progress.update(records)
+    progress.finish()
+    return counts, num_records
+
+
+class _Given:
+    """A picklable factory that returns a given (picklable) source."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __call__(self) -> Any:
+        return self.source
+
+
+def vocabulary_from_source(
+    source: Any,
+    *,
+    min_count: int,
+    max_size: int = 0,
+    processes: int = 1,
+    progress_every: float = 30.0,
+) -> tuple[list[VocabEntry], int]:
+    """``(vocabulary, number of records read)`` of a random-access source (``len`` / ``[i]``).
+
+    Records are read as the training pipeline reads them; a record without captions counts as a
+    record with no synsets. ``processes`` > 1 sends the source to worker processes, so it must
+    be picklable (use :func:`vocabulary_from_config` otherwise); 0 means one per CPU core.
+    ``progress_every``: seconds between progress lines on stderr (0: only the final summary).
+    """
+    counts, num_records = _count_source(
+        source, _Given(source), processes=processes, progress_every=progress_every
+    )
+    return build_vocabulary(counts, min_count, max_size), num_records
+
+
+def _plain_config(source_config: Mapping[str, Any]) -> dict[str, Any]:
+    to_dict = getattr(source_config, "to_dict", None)
+    return to_dict() if callable(to_dict) else dict(source_config)
+
+
+def _make_source(source_config: dict[str, Any]) -> Any:
+    from pretrain.data import image_text  # imports JAX: only where a source is opened
+
+    return image_text.make_source(source_config)
+
+
+def vocabulary_from_config(
+    source_config: Mapping[str, Any],
+    *,
+    min_count: int,
+    max_size: int = 0,
+    processes: int = 0,
+    progress_every: float = 30.0,
+) -> tuple[list[VocabEntry], int]:
+    """:func:`vocabulary_from_source` of the source a config describes (``config.data.train``:
+    see ``pretrain.data.image_text.make_source``); each worker process opens it itself.
+
+    ``processes``: 0 = one per CPU core, 1 = in this process.
+    """
+    config = _plain_config(source_config)
+    # Opened here first: a source built on first use (the embedded scenes) is built once, before
+    # the workers open it, and its length is needed to split the work.
+    source = _make_source(config)
+    counts, num_records = _count_source(
+        source,
+        functools.partial(_make_source, config),
+        processes=processes,
+        progress_every=progress_every,
+    )
+    return build_vocabulary(counts, min_count, max_size), num_records
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _define_flags() -> dict[str, Any]:
+    from absl import flags
+    from ml_collections import config_flags
+
+    return {
+        "config": config_flags.DEFINE_config_file(
+            "config", None, "Recipe whose data.train is read, e.g. configs/catlip_vitb16.py."
+        ),
+        "output": flags.DEFINE_string("output", None, "Vocabulary TSV to write (path or gs://)."),
+        "min_count": flags.DEFINE_integer(
+            "min_count", None, "Keep synsets named in >= this many records (default: vocab's)."
+        ),
+        "max_size": flags.DEFINE_integer(
+            "max_size", None, "At most this many classes, 0 = no limit (default vocab.max_size)."
+        ),
+        "processes": flags.DEFINE_integer(
+            "processes", 0, "Worker processes (0: one per CPU core, 1: no workers)."
+        ),
+        "progress_every": flags.DEFINE_float(
+            "progress_every", 30.0, "Seconds between progress lines."
+        ),
+    }
+
+
+def _setting(flag_value: int | None, vocab_config: Any, name: str, default: int | None) -> int:
+    if flag_value is not None:
+        return flag_value
+    if vocab_config is not None and vocab_config.get(name) is not None:
+        return int(vocab_config.get(name))
+    if default is None:
+        raise ValueError(f"set --{name} or config.vocab.{name}")
+    return default
+
+
+def _main(flag_holders: dict[str, Any]) -> None:
+    _use_cpu_only()
+    config = flag_holders["config"].value
+    if config is None or flag_holders["output"].value is None:
+        raise SystemExit("--config and --output are required")
+    vocab_config = config.get("vocab")
+    min_count = _setting(flag_holders["min_count"].value, vocab_config, "min_count", None)
+    max_size = _setting(flag_holders["max_size"].value, vocab_config, "max_size", 0)
+    entries, num_records = vocabulary_from_config(
+        config.data.train,
+        min_count=min_count,
+        max_size=max_size,
+        processes=flag_holders["processes"].value,
+        progress_every=flag_holders["progress_every"].value,
+    )
+    output = flag_holders["output"].value
+    write_vocabulary(output, entries)
+    print(
+        f"{len(entries):,} classes (synsets in >= {min_count:,} of {num_records:,} records"
+        + (f", at most {max_size:,}" if max_size else "")
+        + f") written to {output}"
+    )
+    for entry in entries[:10]:
+        print(f"  {entry.synset_id}\t{entry.name}\t{entry.count:,}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    # Defined only when run as a program: spawned workers re-import this file as __mp_main__.
+    holders = _define_flags()
+    app.run(lambda argv: _main(holders) if len(argv) == 1 else sys.exit(f"unexpected {argv[1:]}"))

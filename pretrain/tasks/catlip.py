@@ -1,0 +1,297 @@
+"""CatLIP (paper 002): image-text pretraining recast as multi-label classification over synsets.
+
+The caption's nouns become WordNet synsets (CoreNet's rule, pretrain/data/synset_labels.py); the
+synsets counted at least ``vocab.min_count`` times over the training data form the vocabulary
+(pretrain/data/catlip_vocab.py). The data workers turn each example's caption into a multi-hot
+vector over the vocabulary (``labels``, uint8); the image tower (no text tower) with a linear
+classifier is trained with binary cross-entropy summed over classes and averaged over the global
+batch (losses/bce.py).
+
+Evaluation without any training on the target: the classifier's columns are mapped to each
+evaluation set's classes by Transfer Init (pretrain/data/transfer_init.py: exact synset, similar
+synset, or the mean of a composed name's synsets) and the set is classified with that head
+(``<set>/transfer_init_top1``): CatLIP's counterpart of CLIP's zero-shot accuracy. Linear probing
+and fine-tuning, with Transfer Init or random heads, are the ``classify`` task
+(pretrain/tasks/classify.py).
+
+The vocabulary: ``vocab.path`` names a TSV written by ``python -m pretrain.data.catlip_vocab``;
+with ``vocab.build_if_missing`` (the ``:runlocal`` recipes) a missing file is built from
+``data.train`` on first use (an empty path = a cache file named after the data and threshold).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, PartitionSpec
+from ml_collections import ConfigDict
+
+from losses.bce import multilabel_bce_loss
+from models.heads import ImageClassifier
+from pretrain import sharding
+from pretrain.data import catlip_vocab, image_text, pipeline, transfer_init
+from pretrain.data.synset_labels import CaptionLabeler
+from pretrain.evaluate import image_text_eval
+from pretrain.evaluate.classification import ClassificationEvaluator
+from pretrain.export import timm_vit
+from pretrain.tasks import base
+from pretrain.tasks.range_augment import RangeAugmentStage
+from pretrain.tasks.uta import normalize_unit_images
+
+VOCABULARY_FILE = "vocabulary.tsv"
+
+
+def default_vocabulary_path(train_source: ConfigDict, min_count: int, max_size: int) -> Path:
+    """A cache file named after what determines the vocabulary (the data and the pruning)."""
+    key = json.dumps(
+        {"source": train_source.to_dict(), "min_count": min_count, "max_size": max_size},
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "pretrain_image_encoders" / "catlip_vocab" / f"{digest}.tsv"
+
+
+def resolve_vocabulary(config: ConfigDict) -> tuple[list[catlip_vocab.VocabEntry], str]:
+    """The run's vocabulary and the file it was read from (built first if allowed and absent)."""
+    vocab = config.vocab
+    min_count, max_size = int(vocab.min_count), int(vocab.get("max_size", 0))
+    path = vocab.get("path") or ""
+    if not path:
+        if not vocab.get("build_if_missing"):
+            raise ValueError(
+                "config.vocab.path is empty: build the vocabulary first with `python -m "
+                "pretrain.data.catlip_vocab --config=<this recipe> --output=vocab.tsv` and set "
+                "--config.vocab.path=vocab.tsv"
+            )
+        path = str(default_vocabulary_path(config.data.train, min_count, max_size))
+    if not Path(path).exists():
+        if not vocab.get("build_if_missing"):
+            raise FileNotFoundError(f"config.vocab.path {path!r} does not exist")
+        logging.info("building the CatLIP vocabulary from data.train into %s", path)
+        entries, records = catlip_vocab.vocabulary_from_config(
+            config.data.train,
+            min_count=min_count,
+            max_size=max_size,
+            processes=int(vocab.get("build_processes", 1)),
+        )
+        logging.info("vocabulary: %d synsets from %d records", len(entries), records)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        catlip_vocab.write_vocabulary(path, entries)
+    entries = catlip_vocab.read_vocabulary(path)
+    if not entries:
+        raise ValueError(f"the vocabulary {path} is empty: lower vocab.min_count")
+    return entries, path
+
+
+class MultiHotLabels:
+    """Picklable grain caption field: caption -> ``{"labels": uint8 (vocabulary size,)}``."""
+
+    def __init__(self, vocabulary: list[str]):
+        self.labeler = CaptionLabeler(vocabulary)
+
+    def __call__(self, caption: str) -> dict[str, np.ndarray]:
+        return {"labels": self.labeler.multi_hot(caption)}
+
+
+class Task(base.Task):
+    batch_fields = ("image", "labels")
+
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        super().__init__(config, mesh)
+        self.vocabulary, self.vocabulary_path = resolve_vocabulary(config)
+        self.synset_ids = [entry.synset_id for entry in self.vocabulary]
+        model = config.model
+        dtype = jnp.dtype(model.dtype)
+        self.model = ImageClassifier(
+            image_encoder=base.build_module(
+                model.image,
+                output_dim=None,  # the classifier reads the pooled, normed class token
+                dtype=dtype,
+                param_dtype=jnp.dtype(model.param_dtype),
+                remat_policy=model.remat_policy,
+            ),
+            num_classes=len(self.vocabulary),
+            dtype=dtype,
+            param_dtype=jnp.dtype(model.param_dtype),
+        )
+        self.image_size = int(config.data.image_size)
+        self.range_augment = RangeAugmentStage.from_config(config)
+        self._evaluator: ClassificationEvaluator | None = None
+        self._matches: dict[str, list[transfer_init.ClassMatch]] = {}
+
+    # -- model and loss -------------------------------------------------------------------------
+
+    def init_params(self, rng: jax.Array) -> Any:
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        model_rng, augment_rng = jax.random.split(rng)
+        params = self.model.init(model_rng, images)["params"]
+        if self.range_augment is not None:
+            params = {**params, "range_augment": self.range_augment.init(augment_rng, images)}
+        return params
+
+    def _unit_logits(self, params: Any, images: jax.Array) -> jax.Array:
+        """Logits of float images in [0, 1]."""
+        model_params = {k: v for k, v in params.items() if k != "range_augment"}
+        logits, _ = self.model.apply({"params": model_params}, normalize_unit_images(images))
+        return logits
+
+    def logits(self, params: Any, images_uint8: jax.Array) -> jax.Array:
+        return self._unit_logits(params, images_uint8.astype(jnp.float32) / 255.0)
+
+    def features(self, params: Any, images_uint8: jax.Array) -> jax.Array:
+        images = normalize_unit_images(images_uint8.astype(jnp.float32) / 255.0)
+        model_params = {k: v for k, v in params.items() if k != "range_augment"}
+        features, _ = self.model.apply(
+            {"params": model_params}, images, method=ImageClassifier.features
+        )
+        return features.astype(jnp.float32)
+
+    def loss_fn(
+        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
+    ) -> tuple[jax.Array, base.Metrics]:
+        del frozen
+        images = batch["image"].astype(jnp.float32) / 255.0
+        if self.range_augment is not None:
+            images, augment_mse = self.range_augment.augment(params, images, rng)
+        logits = self._unit_logits(params, images)
+        labels = batch["labels"]
+        batch_spec = PartitionSpec(sharding.BATCH_AXES)
+        loss = jax.shard_map(
+            functools.partial(multilabel_bce_loss, axis_name=sharding.BATCH_AXES),
+            mesh=self.mesh,
+            in_specs=(batch_spec, batch_spec),
+            out_specs=PartitionSpec(),
+        )(logits, labels)
+        metrics = {"bce_loss": loss, **label_metrics(logits, labels)}
+        if self.range_augment is not None:
+            augment_loss, augment_metrics = self.range_augment.loss(params, augment_mse, step)
+            loss = loss + augment_loss
+            metrics.update(augment_metrics)
+        return loss, metrics
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        size = self.image_size
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+            "labels": jax.ShapeDtypeStruct((batch_size, len(self.vocabulary)), jnp.uint8),
+        }
+
+    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+        data = self.config.data
+        return pipeline.image_text_dataset(
+            image_text.make_source(data.train),
+            batch_size_per_process=batch_size,
+            seed=int(self.config.seed),
+            train=True,
+            image_size=self.image_size,
+            tokenizer=None,
+            process_index=process_index,
+            process_count=process_count,
+            caption_choice=data.train.get("caption_choice", "random"),
+            worker_count=int(data.worker_count),
+            worker_buffer_size=int(data.worker_buffer_size),
+            crop_scale=tuple(data.random_resized_crop_scale),
+            crop_ratio=tuple(data.random_resized_crop_ratio),
+            horizontal_flip=bool(data.get("random_horizontal_flip", False)),
+            caption_fields=MultiHotLabels(self.synset_ids),
+        )
+
+    # -- evaluation and export ------------------------------------------------------------------
+
+    def class_matches(self, set_name: str, classnames: list[str]) -> list[transfer_init.ClassMatch]:
+        """Transfer Init's mapping of a set's classes to vocabulary columns (computed once)."""
+        if set_name not in self._matches:
+            set_config = self.config.eval.sets[set_name]
+            wnids = image_text_eval.label_wnids(set_config)
+            matches = transfer_init.match_classes(
+                classnames,
+                self.synset_ids,
+                wnids=wnids,
+                alpha=float(self.config.transfer_init.alpha),
+            )
+            logging.info(
+                "Transfer Init for %s: %s", set_name, transfer_init.summarize_matches(matches)
+            )
+            self._matches[set_name] = matches
+        return self._matches[set_name]
+
+    def prepare_evaluation(self) -> None:
+        if self._evaluator is None:
+            self._evaluator = ClassificationEvaluator(
+                self.config.eval,
+                mesh=self.mesh,
+                image_size=self.image_size,
+                logits_fn=head_logits(self.features),
+            )
+            for name, loaded in self._evaluator.sets.items():
+                self.class_matches(name, loaded["classnames"])
+
+    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
+        del step, frozen
+        self.prepare_evaluation()
+        classifier = jax.device_get(
+            jax.jit(lambda p: p["classifier"], out_shardings=sharding.replicated(self.mesh))(params)
+        )
+
+        def variables_for_set(name: str, classnames: list[str]) -> Any:
+            kernel, bias = transfer_init.transfer_classifier(
+                np.asarray(classifier["kernel"], np.float32),
+                np.asarray(classifier["bias"], np.float32),
+                self.class_matches(name, classnames),
+                rng=np.random.default_rng(0),
+            )
+            return {"params": params, "head": {"kernel": kernel, "bias": bias}}
+
+        return self._evaluator(variables_for_set, prefix="transfer_init_")
+
+    def export(self, params: Any, directory: str) -> str:
+        """timm ``vision_transformer`` layout with the synset classifier as its head, plus the
+        vocabulary (the head's classes, in order) as ``vocabulary.tsv``."""
+        classifier = params["classifier"]  # (range_augment's parameters are training-only)
+        path = timm_vit.save_timm_vit(
+            directory,
+            params["image_encoder"],
+            self.model.image_encoder,
+            image_size=self.image_size,
+            head=(np.asarray(classifier["kernel"]), np.asarray(classifier["bias"])),
+        )
+        catlip_vocab.write_vocabulary(Path(directory) / VOCABULARY_FILE, self.vocabulary)
+        return str(path)
+
+
+def head_logits(features_fn: Any) -> Any:
+    """``(variables, images) -> features @ head`` for heads given per evaluation set."""
+
+    def logits(variables: Any, images: jax.Array) -> jax.Array:
+        features = features_fn(variables["params"], images)
+        head = variables["head"]
+        return features @ jnp.asarray(head["kernel"]) + jnp.asarray(head["bias"])
+
+    return logits
+
+
+def label_metrics(logits: jax.Array, labels: jax.Array) -> base.Metrics:
+    """Training read-outs: positives per image, and how often the top class is a positive."""
+    positives = labels.astype(jnp.float32)
+    has_labels = positives.sum(axis=-1) > 0
+    top = jnp.argmax(logits, axis=-1)
+    top_is_positive = jnp.take_along_axis(positives, top[:, None], axis=-1)[:, 0]
+    labelled = jnp.maximum(has_labels.sum(), 1)
+    return {
+        "labels_per_image": positives.sum(axis=-1).mean(),
+        "images_without_labels": 1.0 - has_labels.mean(),
+        "precision_at_1": (top_is_positive * has_labels).sum() / labelled,
+    }

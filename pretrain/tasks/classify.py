@@ -1,0 +1,278 @@
+"""Transfer learning of a pretrained image tower: linear probing and full fine-tuning.
+
+The image tower comes from a run of this project (``transfer.pretrained``: its recipe, workdir,
+step; CatLIP, CLIP or UTA runs alike, any tower under ``image_encoder`` or at the top level), is
+built exactly as that run built it, and gets a new linear classifier over the labelled training
+set's classes (``data.train`` with ``classnames``):
+
+* ``transfer.mode="linear_probe"``: the tower is frozen (a frozen variable of the train state: no
+  gradient, no optimizer state) and only the classifier trains (paper 002, Table 7 (a));
+* ``"finetune"``: tower and classifier train together (Table 7 (b)).
+
+``transfer.head_init="transfer"`` initialises the classifier by Transfer Init from a CatLIP run's
+synset classifier (pretrain/data/transfer_init.py: exact synset, similar synset, mean of a composed
+name's synsets, else random; the counts are logged), ``"random"`` as usual. Loss: softmax
+cross-entropy with label smoothing (Appendix A) over the global batch. Evaluation: top-1 / top-5
+on ``config.eval.sets``. Export: the tower and the classifier in timm's vision_transformer layout.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, PartitionSpec
+from ml_collections import ConfigDict
+
+from losses.classification import softmax_cross_entropy_loss
+from models.heads import ClassifierHead
+from pretrain import sharding
+from pretrain.data import image_text, pipeline, transfer_init
+from pretrain.evaluate import image_text_eval
+from pretrain.evaluate.classification import ClassificationEvaluator
+from pretrain.export import timm_vit
+from pretrain.tasks import base
+from pretrain.tasks.clip_teacher import restore_run, run_config
+from pretrain.tasks.uta import normalize_unit_images
+
+MODES = ("linear_probe", "finetune")
+HEAD_INITS = ("transfer", "random")
+
+
+def image_tower_spec(pretrained_config: ConfigDict) -> ConfigDict:
+    """The image tower entry of a pretraining recipe (CLIP/CatLIP: model.image, UTA: student)."""
+    model = pretrained_config.model
+    for name in ("image", "student"):
+        if name in model:
+            return model[name]
+    raise ValueError(f"the pretrained recipe's model has no image tower: {sorted(model.keys())}")
+
+
+def image_tower_params(params: Any) -> Any:
+    """The tower's subtree of a pretrained run's parameters."""
+    return params.get("image_encoder", params)
+
+
+def matching_subtree(params: Any, template: Any, path: str = "") -> Any:
+    """``params`` restricted to the keys of ``template`` (a pretrained CLIP tower's projection is
+    not used by the classifier), with a clear error for a missing or misshapen entry."""
+    if isinstance(template, dict):
+        missing = sorted(set(template) - set(params))
+        if missing:
+            raise ValueError(f"pretrained tower lacks {[f'{path}{k}' for k in missing]}")
+        return {k: matching_subtree(params[k], v, f"{path}{k}/") for k, v in template.items()}
+    if np.shape(params) != tuple(template.shape):
+        raise ValueError(
+            f"pretrained {path[:-1]} has shape {np.shape(params)}, the tower {template.shape}"
+        )
+    return np.asarray(params, template.dtype)
+
+
+class Task(base.Task):
+    batch_fields = ("image", "label")
+
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        super().__init__(config, mesh)
+        transfer = config.transfer
+        if transfer.mode not in MODES:
+            raise ValueError(f"transfer.mode={transfer.mode!r}; choose from {MODES}")
+        if transfer.head_init not in HEAD_INITS:
+            raise ValueError(f"transfer.head_init={transfer.head_init!r}; choose {HEAD_INITS}")
+        self.mode = transfer.mode
+        pretrained = transfer.pretrained
+        self.pretrained_config = run_config(pretrained.workdir, pretrained.get("config", ""))
+        dtype = jnp.dtype(config.model.dtype)
+        self.encoder = base.build_module(
+            image_tower_spec(self.pretrained_config),
+            output_dim=None,
+            dtype=dtype,
+            param_dtype=jnp.dtype(config.model.param_dtype),
+            remat_policy=config.model.remat_policy,
+        )
+        self.image_size = int(
+            config.data.get("image_size") or self.pretrained_config.data.image_size
+        )
+        train_source = config.data.train
+        self.classnames = image_text_eval.class_names(train_source, None)
+        if not self.classnames:
+            raise ValueError("data.train needs classnames (e.g. 'synthetic_scenes', 'imagenet')")
+        self.wnids = image_text_eval.label_wnids(train_source)
+        self.head = ClassifierHead(
+            len(self.classnames), dtype=dtype, param_dtype=jnp.dtype(config.model.param_dtype)
+        )
+        self._evaluator: ClassificationEvaluator | None = None
+        self._pretrained: tuple[base.Task, Any] | None = None
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def _encoder_template(self) -> Any:
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return jax.eval_shape(self.encoder.init, jax.random.key(0), images)["params"]
+
+    def init_params(self, rng: jax.Array) -> Any:
+        encoder_rng, head_rng = jax.random.split(rng)
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        params = dict(self.head.init(head_rng, jnp.zeros((1, self.encoder.width)))["params"])
+        if self.mode == "finetune":
+            params["image_encoder"] = self.encoder.init(encoder_rng, images)["params"]
+        return params
+
+    def frozen_spec(self) -> Any:
+        if self.mode != "linear_probe":
+            return None
+        return {"image_encoder": self._encoder_template()}
+
+    def _pretrained_run(self) -> tuple[base.Task, Any]:
+        if self._pretrained is None:
+            spec = self.config.transfer.pretrained
+            self._pretrained = restore_run(
+                spec.get("config", ""), spec.workdir, str(spec.step), spec.get("use_ema")
+            )
+        return self._pretrained
+
+    def _pretrained_tower(self) -> Any:
+        _, params = self._pretrained_run()
+        return matching_subtree(image_tower_params(params), self._encoder_template())
+
+    def load_frozen(self) -> Any:
+        if self.mode != "linear_probe":
+            return None
+        return {"image_encoder": self._pretrained_tower()}
+
+    def load_pretrained(self) -> Any:
+        pretrained = {}
+        if self.mode == "finetune":
+            pretrained["image_encoder"] = self._pretrained_tower()
+        if self.config.transfer.head_init == "transfer":
+            pretrained["classifier"] = self.transfer_head()
+        return pretrained
+
+    def transfer_head(self) -> dict[str, np.ndarray]:
+        """Transfer Init of the classifier from a CatLIP run's synset classifier."""
+        task, params = self._pretrained_run()
+        vocabulary = getattr(task, "synset_ids", None)
+        if vocabulary is None or "classifier" not in params:
+            raise ValueError(
+                "transfer.head_init='transfer' needs a CatLIP run (a synset classifier and its "
+                f"vocabulary); {self.config.transfer.pretrained.workdir} is a "
+                f"{self.pretrained_config.task} run"
+            )
+        matches = transfer_init.match_classes(
+            self.classnames,
+            vocabulary,
+            wnids=self.wnids,
+            alpha=float(self.config.transfer.alpha),
+        )
+        logging.info("Transfer Init: %s", transfer_init.summarize_matches(matches))
+        table = transfer_init.format_matches(matches, vocabulary)
+        logging.info("Transfer Init per class:\n%s", table)
+        kernel, bias = transfer_init.transfer_classifier(
+            np.asarray(params["classifier"]["kernel"], np.float32),
+            np.asarray(params["classifier"]["bias"], np.float32),
+            matches,
+            rng=np.random.default_rng(int(self.config.seed)),
+        )
+        return {"kernel": kernel, "bias": bias}
+
+    # -- model and loss -------------------------------------------------------------------------
+
+    def logits(self, params: Any, images_uint8: jax.Array, frozen: Any = None) -> jax.Array:
+        tower = params["image_encoder"] if self.mode == "finetune" else frozen["image_encoder"]
+        images = normalize_unit_images(images_uint8.astype(jnp.float32) / 255.0)
+        features, _ = self.encoder.apply({"params": tower}, images)
+        if self.mode == "linear_probe":
+            features = jax.lax.stop_gradient(features)
+        return self.head.apply({"params": {"classifier": params["classifier"]}}, features)
+
+    def loss_fn(
+        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
+    ) -> tuple[jax.Array, base.Metrics]:
+        del rng, step
+        logits = self.logits(params, batch["image"], frozen)
+        labels = batch["label"]
+        batch_spec = PartitionSpec(sharding.BATCH_AXES)
+        loss = jax.shard_map(
+            functools.partial(
+                softmax_cross_entropy_loss,
+                label_smoothing=float(self.config.transfer.label_smoothing),
+                axis_name=sharding.BATCH_AXES,
+            ),
+            mesh=self.mesh,
+            in_specs=(batch_spec, batch_spec),
+            out_specs=PartitionSpec(),
+        )(logits, labels)
+        accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
+        return loss, {"train_top1": accuracy}
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        size = self.image_size
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        }
+
+    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+        data = self.config.data
+        source = image_text.make_source(data.train)
+        limit = int(data.train.get("max_examples", 0))
+        if limit:  # a fraction of the labelled data (the paper's data-efficiency curves)
+            source = image_text.Prefix(source, limit)
+        return pipeline.image_text_dataset(
+            source,
+            batch_size_per_process=batch_size,
+            seed=int(self.config.seed),
+            train=True,
+            image_size=self.image_size,
+            tokenizer=None,
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=int(data.worker_count),
+            worker_buffer_size=int(data.worker_buffer_size),
+            crop_scale=tuple(data.random_resized_crop_scale),
+            crop_ratio=tuple(data.random_resized_crop_ratio),
+            horizontal_flip=bool(data.get("random_horizontal_flip", False)),
+        )
+
+    # -- evaluation and export ------------------------------------------------------------------
+
+    def prepare_evaluation(self) -> None:
+        if self._evaluator is None:
+            self._evaluator = ClassificationEvaluator(
+                self.config.eval,
+                mesh=self.mesh,
+                image_size=self.image_size,
+                logits_fn=lambda v, images: self.logits(v["params"], images, v["frozen"]),
+            )
+            for name, loaded in self._evaluator.sets.items():
+                if len(loaded["classnames"]) != len(self.classnames):
+                    raise ValueError(
+                        f"eval set {name!r} has {len(loaded['classnames'])} classes, the "
+                        f"training set {len(self.classnames)}"
+                    )
+
+    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
+        del step
+        self.prepare_evaluation()
+        return self._evaluator(lambda name, classnames: {"params": params, "frozen": frozen})
+
+    def export(self, params: Any, directory: str) -> str:
+        """A fine-tuned tower with its classifier in timm's vision_transformer layout."""
+        if self.mode != "finetune":
+            raise ValueError(
+                "a linear probe trains only params['classifier']; its tower is the pretrained "
+                "run's: export that run, the classifier is in this run's checkpoint"
+            )
+        classifier = params["classifier"]
+        head = (np.asarray(classifier["kernel"]), np.asarray(classifier["bias"]))
+        path = timm_vit.save_timm_vit(
+            directory, params["image_encoder"], self.encoder, image_size=self.image_size, head=head
+        )
+        (Path(directory) / "classnames.txt").write_text("\n".join(self.classnames) + "\n")
+        return str(path)
