@@ -15,6 +15,7 @@ Nothing here assumes one process: batches are built from per-process data with
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -201,3 +202,16 @@ def check_processes_own_distinct_rows(mesh: Mesh) -> None:
             f"batch rows are shared by processes {sorted(map(sorted, shared.values()))}: the "
             "'model' mesh axis must stay within one host (use fewer model shards per host)"
         )
+
+
+def batch_loss(loss_fn: Any, mesh: Mesh, *batch_arrays: jax.Array, **options: Any) -> jax.Array:
+    """``loss_fn(*local rows, axis_name=BATCH_AXES, **options)`` under ``shard_map`` with the
+    arrays' leading (batch) dimension split over the data-parallel axes; a replicated scalar."""
+    spec = PartitionSpec(BATCH_AXES)
+    sharded = jax.shard_map(
+        functools.partial(loss_fn, axis_name=BATCH_AXES, **options),
+        mesh=mesh,
+        in_specs=(spec,) * len(batch_arrays),
+        out_specs=PartitionSpec(),
+    )
+    return sharded(*batch_arrays)

@@ -150,19 +150,27 @@ def train_dataset(
     *,
     batch_size: int,
     seed: int,
-    context_length: int,
     process_index: int,
     process_count: int,
+    context_length: int | None = None,
+    image_size: int | None = None,
+    source: Any = None,
+    **fields: Any,
 ) -> Any:
-    """The training stream of ``config.data``: shuffled, cropped, tokenised, per process."""
+    """The training stream of ``config.data``: shuffled, cropped (and flipped with
+    ``random_horizontal_flip``), per process; tokenised with ``context_length`` (None: no text).
+
+    ``source`` replaces ``make_source(data_config.train)`` (e.g. a subset); ``fields`` go to
+    :func:`pipeline.image_text_dataset` (``example_extras``, ``caption_fields``).
+    """
     train_config = data_config.train
     return pipeline.image_text_dataset(
-        make_source(train_config),
+        make_source(train_config) if source is None else source,
         batch_size_per_process=batch_size,
         seed=seed,
         train=True,
-        image_size=int(data_config.image_size),
-        tokenizer=ClipTokenizer(context_length),
+        image_size=int(image_size or data_config.image_size),
+        tokenizer=None if context_length is None else ClipTokenizer(context_length),
         process_index=process_index,
         process_count=process_count,
         caption_choice=train_config.get("caption_choice", "random"),
@@ -170,6 +178,8 @@ def train_dataset(
         worker_buffer_size=int(data_config.worker_buffer_size),
         crop_scale=tuple(data_config.random_resized_crop_scale),
         crop_ratio=tuple(data_config.random_resized_crop_ratio),
+        horizontal_flip=bool(data_config.get("random_horizontal_flip", False)),
+        **fields,
     )
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -25,8 +24,8 @@ from pretrain import sharding
 from pretrain.data import image_text
 from pretrain.evaluate.image_text_eval import (
     class_names,
-    dataset_not_found_error,
     global_array_from_host,
+    load_eval_source,
 )
 from pretrain.evaluate.zeroshot import true_class_ranks
 
@@ -64,10 +63,8 @@ class ClassificationEvaluator:
         self.sets = {name: value for name, value in loaded.items() if value is not None}
 
     def _load(self, name: str, set_config: Mapping[str, Any]) -> dict[str, Any] | None:
-        try:
-            source = image_text.make_source(set_config)
-        except (FileNotFoundError, dataset_not_found_error()) as error:
-            logging.warning("eval set %r is not available and is skipped: %s", name, error)
+        source = load_eval_source(name, set_config)
+        if source is None:
             return None
         names = class_names(set_config, source)
         if not names:

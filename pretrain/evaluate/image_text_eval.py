@@ -85,6 +85,17 @@ def dataset_not_found_error() -> type[Exception]:
     return tfds.core.registered.DatasetNotFoundError
 
 
+def load_eval_source(name: str, set_config: Mapping[str, Any]) -> Any | None:
+    """The source of an evaluation set, or None (with a warning) when its data is not there."""
+    try:
+        return image_text.make_source(set_config)
+    except (FileNotFoundError, dataset_not_found_error()) as error:
+        # Data that is not there (e.g. ImageNet not prepared for TFDS) must not stop a long
+        # run: say so at start-up and go on. A wrong setting raises.
+        logging.warning("eval set %r is not available and is skipped: %s", name, error)
+        return None
+
+
 def global_array_from_host(x: np.ndarray, mesh: Mesh) -> jax.Array:
     """A batch every process holds in full, placed split over the data-parallel devices."""
     target = sharding.batch_sharding(mesh, x.ndim)
@@ -120,12 +131,8 @@ class ImageTextEvaluator:
         self.sets = {name: loaded for name, loaded in self.sets.items() if loaded is not None}
 
     def _load(self, name: str, set_config: Mapping[str, Any]) -> dict[str, Any] | None:
-        try:
-            source = image_text.make_source(set_config)
-        except (FileNotFoundError, dataset_not_found_error()) as error:
-            # Data that is not there (e.g. ImageNet not prepared for TFDS) must not stop a long
-            # run: say so at start-up and go on. A wrong setting raises.
-            logging.warning("eval set %r is not available and is skipped: %s", name, error)
+        source = load_eval_source(name, set_config)
+        if source is None:
             return None
         return {
             "source": source,

@@ -78,6 +78,7 @@ from pretrain.export.tree_io import (
     timm_hub_config,
     unflatten,
     unwrap_variables,
+    vit_stem_to_timm,
     write_timm_directory,
 )
 
@@ -424,17 +425,7 @@ def to_timm_state_dict(
         flatten(unwrap_variables(params)), lambda v: np.asarray(v, dtype=dtype), "ViT params"
     )
     take = entries.take
-    state: StateDict = {
-        "cls_token": take("class_embedding").reshape(1, 1, -1),
-        # HWIO -> OIHW
-        "patch_embed.proj.weight": take("conv1/kernel").transpose(3, 2, 0, 1),
-    }
-    if entries.has("conv1/bias"):
-        state["patch_embed.proj.bias"] = take("conv1/bias")
-    if entries.has("positional_embedding"):
-        state["pos_embed"] = take("positional_embedding")[None]
-    if entries.has("ln_pre/scale"):
-        state.update(layer_norm_to_torch(entries, "ln_pre", "norm_pre"))
+    state: StateDict = vit_stem_to_timm(entries)
     depth = entries.block_count(r"transformer/resblocks_(\d+)/")
     for index in range(depth):
         jax, timm = f"transformer/resblocks_{index}", f"blocks.{index}"

@@ -148,6 +148,23 @@ def layer_norm_to_torch(entries: Entries, jax: str, torch: str) -> StateDict:
     }
 
 
+def vit_stem_to_timm(entries: Entries) -> StateDict:
+    """The ViT stem in timm's names (vision_transformer.py and eva.py share them): class token,
+    patch embedding (HWIO -> OIHW, bias if any), position embeddings, ``norm_pre`` (ln_pre)."""
+    take = entries.take
+    state: StateDict = {
+        "cls_token": take("class_embedding").reshape(1, 1, -1),
+        "patch_embed.proj.weight": take("conv1/kernel").transpose(3, 2, 0, 1),
+    }
+    if entries.has("conv1/bias"):
+        state["patch_embed.proj.bias"] = take("conv1/bias")
+    if entries.has("positional_embedding"):
+        state["pos_embed"] = take("positional_embedding")[None]
+    if entries.has("ln_pre/scale"):
+        state.update(layer_norm_to_torch(entries, "ln_pre", "norm_pre"))
+    return state
+
+
 def linear_from_torch(entries: Entries, torch: str, jax: str, bias: bool = True) -> StateDict:
     flat = {f"{jax}/kernel": entries.take(f"{torch}.weight").T}
     if bias:

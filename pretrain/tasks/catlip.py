@@ -21,7 +21,6 @@ with ``vocab.build_if_missing`` (the ``:runlocal`` recipes) a missing file is bu
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -32,13 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from losses.bce import multilabel_bce_loss
 from models.heads import ImageClassifier
 from pretrain import sharding
-from pretrain.data import catlip_vocab, image_text, pipeline, transfer_init
+from pretrain.data import catlip_vocab, image_text, transfer_init
 from pretrain.data.synset_labels import CaptionLabeler
 from pretrain.evaluate import image_text_eval
 from pretrain.evaluate.classification import ClassificationEvaluator
@@ -166,13 +165,7 @@ class Task(base.Task):
             images, augment_mse = self.range_augment.augment(params, images, rng)
         logits = self._unit_logits(params, images)
         labels = batch["labels"]
-        batch_spec = PartitionSpec(sharding.BATCH_AXES)
-        loss = jax.shard_map(
-            functools.partial(multilabel_bce_loss, axis_name=sharding.BATCH_AXES),
-            mesh=self.mesh,
-            in_specs=(batch_spec, batch_spec),
-            out_specs=PartitionSpec(),
-        )(logits, labels)
+        loss = sharding.batch_loss(multilabel_bce_loss, self.mesh, logits, labels)
         metrics = {"bce_loss": loss, **label_metrics(logits, labels)}
         if self.range_augment is not None:
             augment_loss, augment_metrics = self.range_augment.loss(params, augment_mse, step)
@@ -190,22 +183,12 @@ class Task(base.Task):
         }
 
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
-        data = self.config.data
-        return pipeline.image_text_dataset(
-            image_text.make_source(data.train),
-            batch_size_per_process=batch_size,
+        return image_text.train_dataset(
+            self.config.data,
+            batch_size=batch_size,
             seed=int(self.config.seed),
-            train=True,
-            image_size=self.image_size,
-            tokenizer=None,
             process_index=process_index,
             process_count=process_count,
-            caption_choice=data.train.get("caption_choice", "random"),
-            worker_count=int(data.worker_count),
-            worker_buffer_size=int(data.worker_buffer_size),
-            crop_scale=tuple(data.random_resized_crop_scale),
-            crop_ratio=tuple(data.random_resized_crop_ratio),
-            horizontal_flip=bool(data.get("random_horizontal_flip", False)),
             caption_fields=MultiHotLabels(self.synset_ids),
         )
 

@@ -18,7 +18,6 @@ on ``config.eval.sets``. Export: the tower and the classifier in timm's vision_t
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from losses.classification import softmax_cross_entropy_loss
 from models.heads import ClassifierHead
 from pretrain import sharding
-from pretrain.data import image_text, pipeline, transfer_init
+from pretrain.data import image_text, transfer_init
 from pretrain.evaluate import image_text_eval
 from pretrain.evaluate.classification import ClassificationEvaluator
 from pretrain.export import timm_vit
@@ -195,17 +194,13 @@ class Task(base.Task):
         del rng, step
         logits = self.logits(params, batch["image"], frozen)
         labels = batch["label"]
-        batch_spec = PartitionSpec(sharding.BATCH_AXES)
-        loss = jax.shard_map(
-            functools.partial(
-                softmax_cross_entropy_loss,
-                label_smoothing=float(self.config.transfer.label_smoothing),
-                axis_name=sharding.BATCH_AXES,
-            ),
-            mesh=self.mesh,
-            in_specs=(batch_spec, batch_spec),
-            out_specs=PartitionSpec(),
-        )(logits, labels)
+        loss = sharding.batch_loss(
+            softmax_cross_entropy_loss,
+            self.mesh,
+            logits,
+            labels,
+            label_smoothing=float(self.config.transfer.label_smoothing),
+        )
         accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
         return loss, {"train_top1": accuracy}
 
@@ -224,20 +219,14 @@ class Task(base.Task):
         limit = int(data.train.get("max_examples", 0))
         if limit:  # a fraction of the labelled data (the paper's data-efficiency curves)
             source = image_text.Prefix(source, limit)
-        return pipeline.image_text_dataset(
-            source,
-            batch_size_per_process=batch_size,
+        return image_text.train_dataset(
+            data,
+            batch_size=batch_size,
             seed=int(self.config.seed),
-            train=True,
-            image_size=self.image_size,
-            tokenizer=None,
             process_index=process_index,
             process_count=process_count,
-            worker_count=int(data.worker_count),
-            worker_buffer_size=int(data.worker_buffer_size),
-            crop_scale=tuple(data.random_resized_crop_scale),
-            crop_ratio=tuple(data.random_resized_crop_ratio),
-            horizontal_flip=bool(data.get("random_horizontal_flip", False)),
+            image_size=self.image_size,
+            source=source,
         )
 
     # -- evaluation and export ------------------------------------------------------------------

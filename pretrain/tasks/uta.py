@@ -17,19 +17,18 @@ its grid equals the student's (``"resize_input"``, the teacher's position embedd
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from losses.alignment import token_alignment_loss
 from models.two_tower import TwoTowerModel, l2_normalize
 from pretrain import sharding
-from pretrain.data import image_text, masking, pipeline
+from pretrain.data import image_text, masking
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.evaluate import image_text_eval
 from pretrain.export import timm_eva
@@ -145,13 +144,7 @@ class Task(base.Task):
         teacher = self.teacher_tokens(frozen["teacher"], images)
         kept_positions = jnp.concatenate([jnp.zeros_like(keep[:, :1]), keep + 1], axis=1)
         targets = jnp.take_along_axis(teacher, kept_positions[:, :, None], axis=1)
-        batch_spec = PartitionSpec(sharding.BATCH_AXES)
-        loss = jax.shard_map(
-            functools.partial(token_alignment_loss, axis_name=sharding.BATCH_AXES),
-            mesh=self.mesh,
-            in_specs=(batch_spec, batch_spec),
-            out_specs=PartitionSpec(),
-        )(student, targets)
+        loss = sharding.batch_loss(token_alignment_loss, self.mesh, student, targets)
         return loss, {"cosine": -loss}
 
     # -- data -----------------------------------------------------------------------------------
@@ -165,24 +158,16 @@ class Task(base.Task):
         }
 
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
-        data = self.config.data
         masks = KeepIndices(
             self.grid, self.mask_ratio, float(self.config.masking.reverse_probability)
         )
-        return pipeline.image_text_dataset(
-            image_text.make_source(data.train),
-            batch_size_per_process=batch_size,
+        return image_text.train_dataset(
+            self.config.data,
+            batch_size=batch_size,
             seed=int(self.config.seed),
-            train=True,
-            image_size=self.image_size,
-            tokenizer=None,  # images only: the teacher gives the targets
             process_index=process_index,
             process_count=process_count,
-            worker_count=int(data.worker_count),
-            worker_buffer_size=int(data.worker_buffer_size),
-            crop_scale=tuple(data.random_resized_crop_scale),
-            crop_ratio=tuple(data.random_resized_crop_ratio),
-            example_extras=masks,
+            example_extras=masks,  # images only: the teacher gives the targets
         )
 
     # -- evaluation and export ------------------------------------------------------------------
