@@ -79,7 +79,7 @@ def init_state(
 
     def build(frozen: Any = None, pretrained: Any = None) -> State:
         init_rng, train_rng = jax.random.split(jax.random.key(seed))
-        params = task.init_params(init_rng)
+        params, model_state = task.init_variables(init_rng)
         if pretrained is not None:
             params = overlay(params, pretrained)
         state = {
@@ -91,6 +91,11 @@ def init_state(
         }
         if use_ema:
             state["ema_params"] = params
+        if model_state is not None:
+            # Non-trained variables the forward pass updates (BatchNorm's running statistics).
+            state["model_state"] = model_state
+            if use_ema:
+                state["ema_model_state"] = model_state
         if frozen is not None:
             state["frozen"] = frozen
         return state
@@ -100,6 +105,17 @@ def init_state(
 
 def count_params(params: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+# A task whose forward pass updates variables (BatchNorm statistics) receives them as
+# ``loss_fn(..., model_state=...)`` and returns the updated ones in its metrics under this key.
+MODEL_STATE_KEY = "model_state"
+
+
+def model_state_kwargs(state: State, use_ema: bool = False) -> dict[str, Any]:
+    """``{"model_state": ...}`` for the task's loss, evaluation and export, when it has one."""
+    key = "ema_model_state" if use_ema else "model_state"
+    return {"model_state": state[key]} if key in state else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,14 +221,21 @@ def make_train_step(
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params = state["params"]
         frozen = state.get("frozen")
+        model_state = model_state_kwargs(state)
+        if model_state and grad_accum_steps > 1:
+            raise ValueError(
+                "grad_accum_steps > 1 with a model that updates state in its forward pass "
+                "(BatchNorm statistics) is not supported: use grad_accum_steps=1"
+            )
         if grad_accum_steps > 1:
             (loss, metrics), grads = accumulated_gradients(
                 task, params, batch, rng, state["step"], grad_accum_steps, mesh, frozen
             )
         else:
             (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-                params, batch, rng, state["step"], frozen
+                params, batch, rng, state["step"], frozen, **model_state
             )
+        new_model_state = metrics.pop(MODEL_STATE_KEY, None) if model_state else None
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = task.project_params(optax.apply_updates(params, updates))
         new_state = {
@@ -225,6 +248,12 @@ def make_train_step(
             new_state["ema_params"] = optax.incremental_update(
                 new_params, state["ema_params"], step_size=1.0 - ema_decay
             )
+        if new_model_state is not None:
+            new_state["model_state"] = new_model_state
+            if "ema_model_state" in state:  # as timm's model EMA averages BatchNorm buffers
+                new_state["ema_model_state"] = optax.incremental_update(
+                    new_model_state, state["ema_model_state"], step_size=1.0 - ema_decay
+                )
         metrics = {
             **metrics,
             "loss": loss,
@@ -477,9 +506,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
 
     def evaluate(step: int) -> dict[str, float]:
         frozen = state.get("frozen")
-        results = task.evaluate(state["params"], step, frozen)
+        results = task.evaluate(state["params"], step, frozen, **model_state_kwargs(state))
         if use_ema and config.eval.get("include_ema", True):
-            ema_results = task.evaluate(state["ema_params"], step, frozen)
+            ema_results = task.evaluate(
+                state["ema_params"], step, frozen, **model_state_kwargs(state, use_ema=True)
+            )
             results.update({f"ema/{k}": v for k, v in ema_results.items()})
         if results:
             listing = "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items()))
@@ -722,7 +753,12 @@ def evaluate_checkpoint(
     key = "ema_params" if use_ema else "params"
     if key not in state:
         raise ValueError(f"the checkpoint has no {key} (ema_decay was off)")
-    results = task.evaluate(state[key], int(jax.device_get(state["step"])), state.get("frozen"))
+    results = task.evaluate(
+        state[key],
+        int(jax.device_get(state["step"])),
+        state.get("frozen"),
+        **model_state_kwargs(state, use_ema),
+    )
     for name, value in sorted(results.items()):
         logging.info("%s: %.4f", name, value)
     return results
@@ -742,9 +778,11 @@ def export_checkpoint(
         raise ValueError(f"the checkpoint has no {key} (ema_decay was off)")
     # Gather shards from every device (and host) into full arrays before leaving JAX.
     replicated = sharding.replicated(task.mesh)
-    params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated)(state[key]))
+    gather = lambda tree: jax.device_get(jax.jit(lambda p: p, out_shardings=replicated)(tree))
+    params = gather(state[key])
+    model_state = {k: gather(v) for k, v in model_state_kwargs(state, use_ema).items()}
     if jax.process_index() != 0:
         return None
-    path = task.export(params, directory)
+    path = task.export(params, directory, **model_state)
     logging.info("exported %s of step %d to %s", key, int(jax.device_get(state["step"])), path)
     return path

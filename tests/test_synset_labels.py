@@ -193,14 +193,16 @@ def test_lexnames_match_the_installed_corpus():
 
 def test_install_from_a_wordnet_folder(tmp_path, monkeypatch):
     # A WordNet database folder without lexnames (like /usr/share/wordnet of the Debian package):
-    # install_wordnet copies it, writes lexnames, and a second call finds it ready.
+    # install_wordnet copies it, writes lexnames, and a second call finds it ready. nltk's search
+    # path starts empty, as on a fresh machine (nltk's reader of a folder also looks for the
+    # corpus named "wordnet" on that path: the install must not depend on finding one).
     installed = wordnet.load_wordnet().root
     if not os.path.isdir(installed.path):
         pytest.skip(f"WordNet is installed as {installed.path}, not as a folder to copy")
     source = tmp_path / "dict"
     shutil.copytree(installed.path, source, ignore=shutil.ignore_patterns("lexnames", "*.zip"))
     monkeypatch.setenv("WNSEARCHDIR", str(source))
-    monkeypatch.setattr("nltk.data.path", list(__import__("nltk").data.path))
+    monkeypatch.setattr("nltk.data.path", [])
     target = tmp_path / "nltk_data"
     assert wordnet.install_wordnet(target) == target
     corpus = target / "corpora" / "wordnet"

@@ -134,6 +134,21 @@ def _check_reader(reader: Any) -> None:
         raise ValueError(f"{name} has offset {synset.offset()}, expected {offset} (WordNet 3.0)")
 
 
+def _check_database(corpus: Path) -> None:
+    """A staged WordNet 3.0 folder, checked without nltk's reader: that reader also maps to the
+    corpus named "wordnet" on nltk's search path, which a first install does not have yet.
+    Synset offsets are byte offsets into data.<pos>, so dog.n.01's line must start there."""
+    for name in ("data.noun", "index.noun", "lexnames", "noun.exc"):
+        if not (corpus / name).is_file():
+            raise FileNotFoundError(f"{name} missing from the WordNet folder")
+    _, offset = CHECK_SYNSET
+    with (corpus / "data.noun").open("rb") as data:
+        data.seek(offset)
+        line = data.readline().decode("utf-8", "replace")
+    if not line.startswith(f"{offset:08d} ") or " dog " not in line:
+        raise ValueError(f"data.noun at offset {offset} is not dog.n.01: not WordNet 3.0")
+
+
 def _working_reader(target: Path) -> Any | None:
     """A reader of the WordNet 3.0 (folder or nltk's zip) under ``target``; None if none works."""
     import nltk
@@ -303,13 +318,17 @@ def install_wordnet(target: str | Path | None = None) -> Path:
         corpus = staging / "wordnet"
         try:
             how = strategy(corpus)
-            _check_reader(_reader(str(corpus)))
+            _check_database(corpus)
             _replace_atomically(corpus, destination)
         except Exception as error:
             failures.append(f"  {name}: {error}")
             continue
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if _working_reader(target) is None:  # in place now: nltk's own reader must load it
+            shutil.rmtree(destination, ignore_errors=True)
+            failures.append(f"  {name}: nltk cannot read the installed folder")
+            continue
         print(f"wordnet: {how} into {destination}", file=sys.stderr)
         return target
     raise WordNetInstallError(

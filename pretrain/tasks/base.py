@@ -35,6 +35,14 @@ class Task(abc.ABC):
     def init_params(self, rng: jax.Array) -> Params:
         """Model parameters (called inside jit with sharded outputs: no host work here)."""
 
+    def init_variables(self, rng: jax.Array) -> tuple[Params, Any]:
+        """``(params, model_state)``: a model whose forward pass updates variables (BatchNorm's
+        running statistics) returns them as ``model_state`` (else None). Such a task's
+        ``loss_fn``, ``evaluate`` and ``export`` then take a ``model_state=`` keyword, and
+        ``loss_fn`` returns the updated state in its metrics under ``"model_state"``; the
+        trainer keeps it in the train state (checkpointed, EMA'd with the parameters)."""
+        return self.init_params(rng), None
+
     @abc.abstractmethod
     def loss_fn(
         self, params: Params, batch: Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
