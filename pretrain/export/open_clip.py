@@ -1,4 +1,5 @@
-"""Export the project's CLIP / SigLIP two-tower ViT model to PyTorch open_clip, and import back.
+"""Export the project's CLIP / SigLIP two-tower models (ViT or ResNet image tower) to PyTorch
+open_clip, and import back.
 
 The JAX parameter tree (``models.two_tower.TwoTowerModel`` with a ``VisionTransformer`` image tower
 and a ``TextTransformer`` text tower) maps one-to-one onto open_clip's ``CLIP`` class; only the
@@ -52,6 +53,14 @@ with ``timm_proj_bias``). timm towers ignore ``quick_gelu`` (open_clip: "timm mo
 native GELU"); it then applies to the text tower only. ``custom_text: true`` (CustomTextCLIP, as
 the EVA configs say) keeps the same text tower under ``text.``.
 
+ResNet (open_clip "RN50", "RN101", "RN50x4"...): a ``models.resnet.ModifiedResNet`` image tower
+maps onto open_clip's ``ModifiedResNet`` (``vision_cfg.layers`` a list), mapped by
+pretrain/export/open_clip_resnet.py. Its BatchNorm running statistics are the Flax
+``batch_stats`` collection, so the export takes them (``batch_stats=``, or a ``variables`` dict
+with both collections) and the import returns both (``from_open_clip_variables``,
+``load_open_clip_variables``; the params-only functions refuse such a model rather than drop the
+statistics).
+
 Options open_clip has but this project's towers do not (layer scale, attentional pooling, other
 timm or Hugging Face towers...) are rejected with their config field's name.
 """
@@ -67,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.export import timm_eva, timm_trunks
+from pretrain.export import open_clip_resnet, timm_eva, timm_trunks
 from pretrain.export.tree_io import (
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
@@ -144,6 +153,8 @@ _UNSUPPORTED_TOP_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 
 ParamTree = Mapping[str, Any]
+# The Flax variable collections an exported model may carry.
+VARIABLE_COLLECTIONS = {"params", "batch_stats"}
 StateDict = dict[str, np.ndarray]
 
 
@@ -311,6 +322,38 @@ def registered_timm_trunk(image_encoder: Any, image_size: int | tuple[int, int])
         return None
 
 
+def _vit_vision_cfg(
+    image_encoder: Any,
+    image_size: int | tuple[int, int],
+    timm_model_name: str | None,
+    text_activation: str,
+) -> tuple[dict[str, Any], int]:
+    """``(vision_cfg, embed_dim)`` of a ViT image tower: open_clip's own ViT or a timm trunk."""
+    for name in ("patch_size", "width", "depth", "num_heads"):
+        if _field(image_encoder, name) is None:
+            raise ValueError(
+                f"image_encoder has no {name!r}: only ViT and ModifiedResNet image towers export "
+                "to open_clip's CLIP class (other towers export through timm)"
+            )
+    embed_dim = _field(image_encoder, "output_dim")
+    if embed_dim is None:
+        raise ValueError(
+            "image_encoder.output_dim is None: open_clip's ViT always has a `proj` matrix, so "
+            "export a model whose image tower projects to the joint embedding"
+        )
+    is_clip_vit = is_open_clip_vit(image_encoder)
+    if is_clip_vit and timm_model_name is None:
+        vision_cfg = _native_vision_cfg(image_encoder, image_size)
+        if _activation_of(image_encoder) != text_activation:
+            raise ValueError(
+                f"image activation {_activation_of(image_encoder)!r} != text activation "
+                f"{text_activation!r}: open_clip has one quick_gelu flag for both towers"
+            )
+    else:
+        vision_cfg = _trunk_vision_cfg(image_encoder, image_size, timm_model_name)
+    return vision_cfg, int(embed_dim)
+
+
 def open_clip_model_config(
     image_encoder: Any,
     text_encoder: Any,
@@ -334,30 +377,21 @@ def open_clip_model_config(
     classifier head as the projection (``timm_proj: null``, ``custom_text: true``, as open_clip's
     EVA configs): ``timm_model_name`` names it (a timm_trunks.TIMM_EVA_TRUNKS name or
     ``local-dir:/path``), else the registered trunk with exactly this architecture is found.
+
+    A ``models.resnet.ModifiedResNet`` image tower becomes open_clip's ``ModifiedResNet`` (see
+    pretrain/export/open_clip_resnet.py); ``image_size`` must then be square, a multiple of 32.
     """
-    for name in ("patch_size", "width", "depth", "num_heads"):
-        if _field(image_encoder, name) is None:
-            raise ValueError(
-                f"image_encoder has no {name!r}: only the ViT image tower exports to open_clip's "
-                "CLIP class (other towers export through timm)"
-            )
-    embed_dim = _field(image_encoder, "output_dim")
-    if embed_dim is None:
-        raise ValueError(
-            "image_encoder.output_dim is None: open_clip's ViT always has a `proj` matrix, so "
-            "export a model whose image tower projects to the joint embedding"
-        )
-    is_clip_vit = is_open_clip_vit(image_encoder)
     text_activation = _activation_of(text_encoder)
-    if is_clip_vit and timm_model_name is None:
-        vision_cfg = _native_vision_cfg(image_encoder, image_size)
-        if _activation_of(image_encoder) != text_activation:
-            raise ValueError(
-                f"image activation {_activation_of(image_encoder)!r} != text activation "
-                f"{text_activation!r}: open_clip has one quick_gelu flag for both towers"
-            )
+    if open_clip_resnet.is_resnet_tower(image_encoder):
+        if timm_model_name is not None:
+            raise ValueError("timm_model_name applies to ViT image towers, not to a ResNet")
+        # A ReLU tower: open_clip's quick_gelu flag then concerns the text tower alone.
+        vision_cfg = open_clip_resnet.resnet_vision_cfg(image_encoder, image_size)
+        embed_dim = open_clip_resnet.embed_dim_of(image_encoder)
     else:
-        vision_cfg = _trunk_vision_cfg(image_encoder, image_size, timm_model_name)
+        vision_cfg, embed_dim = _vit_vision_cfg(
+            image_encoder, image_size, timm_model_name, text_activation
+        )
 
     text_width = int(_field(text_encoder, "width"))
     text_mlp_dim = _field(text_encoder, "mlp_dim") or 4 * text_width
@@ -403,17 +437,17 @@ def _check_supported(model_config: Mapping[str, Any]) -> None:
     # open_clip builds a timm tower from timm_* fields alone ("a valid model name overrides
     # layers, width, patch_size"); timm_trunk_wiring checks those.
     is_timm = bool(vision_cfg.get("timm_model_name"))
+    # open_clip's ModifiedResNet reads only image_size, layers, width and head_width.
+    is_resnet = open_clip_resnet.is_resnet_vision_cfg(vision_cfg)
     for section, fields in (
         (model_config, _UNSUPPORTED_TOP_FIELDS),
-        ({} if is_timm else vision_cfg, _UNSUPPORTED_VISION_FIELDS),
+        ({} if is_timm or is_resnet else vision_cfg, _UNSUPPORTED_VISION_FIELDS),
         (model_config.get("text_cfg", {}), _UNSUPPORTED_TEXT_FIELDS),
     ):
         for name, supported in fields.items():
             if section.get(name, supported[0]) not in supported:
                 problems.append(f"{name}={section[name]!r}")
-    if not is_timm and isinstance(vision_cfg.get("layers", 12), list | tuple):
-        problems.append("vision_cfg.layers is a list (a ResNet image tower)")
-    for section_name in ("text_cfg",) if is_timm else ("vision_cfg", "text_cfg"):
+    for section_name in ("text_cfg",) if is_timm or is_resnet else ("vision_cfg", "text_cfg"):
         norm_kwargs = model_config.get(section_name, {}).get("norm_kwargs") or {}
         if set(norm_kwargs) - {"eps"}:
             problems.append(f"{section_name}.norm_kwargs={norm_kwargs!r} (only eps is supported)")
@@ -422,7 +456,7 @@ def _check_supported(model_config: Mapping[str, Any]) -> None:
         problems.append(f"non-square patch_size={patch_size!r}")
     if problems:
         raise ValueError(
-            "open_clip config options that the project's ViT/text towers do not implement: "
+            "open_clip config options that the project's image/text towers do not implement: "
             + ", ".join(problems)
         )
 
@@ -497,7 +531,8 @@ def timm_trunk_wiring(vision_cfg: Mapping[str, Any], embed_dim: int) -> dict[str
 def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """How to build the JAX model that matches an open_clip model config.
 
-    Returns ``{"image_encoder": VisionTransformer kwargs, "text_encoder": TextTransformer kwargs,
+    Returns ``{"image_encoder": VisionTransformer kwargs (ModifiedResNet kwargs for a ResNet
+    config, see open_clip_resnet.is_resnet_vision_cfg), "text_encoder": TextTransformer kwargs,
     "logit_bias_init": float | None, "image_size": (height, width)}``; e.g.::
 
         kwargs = jax_model_kwargs(config)
@@ -515,6 +550,8 @@ def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         # timm towers keep their own (exact) GELU whatever quick_gelu says.
         image_encoder = wiring["image_encoder"]
         image_size = wiring["image_size"]
+    elif open_clip_resnet.is_resnet_vision_cfg(vision_cfg):
+        image_encoder, image_size = open_clip_resnet.jax_resnet_kwargs(vision_cfg, embed_dim)
     else:
         vision_width = int(vision_cfg.get("width", 768))
         head_width = int(vision_cfg.get("head_width", OPEN_CLIP_HEAD_WIDTH))
@@ -624,6 +661,10 @@ def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tu
     vision_cfg = model_config["vision_cfg"]
     if vision_cfg.get("timm_model_name"):
         shapes = _trunk_vision_shapes(timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"])))
+    elif open_clip_resnet.is_resnet_vision_cfg(vision_cfg):
+        shapes = open_clip_resnet.resnet_state_dict_shapes(
+            kwargs["image_encoder"], kwargs["image_size"]
+        )
     else:
         shapes = _native_vision_shapes(kwargs["image_encoder"], kwargs["image_size"])
     text = kwargs["text_encoder"]
@@ -648,12 +689,27 @@ def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tu
     return shapes
 
 
+# BatchNorm's batch counter: open_clip's modules have it (a strict load wants it), but it carries
+# nothing this project's models use, so checkpoints converted without it import as well.
+_BATCH_COUNTER = re.compile(r".*\.num_batches_tracked")
+
+
 def check_state_dict_matches_config(
-    state_dict: Mapping[str, Any], model_config: Mapping[str, Any]
+    state_dict: Mapping[str, Any],
+    model_config: Mapping[str, Any],
+    *,
+    allow_missing_counters: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped key."""
+    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped key.
+
+    ``allow_missing_counters``: BatchNorm ``num_batches_tracked`` entries may be absent (import).
+    """
     expected = open_clip_state_dict_shapes(model_config)
-    missing = sorted(set(expected) - set(state_dict))
+    missing = sorted(
+        key
+        for key in set(expected) - set(state_dict)
+        if not (allow_missing_counters and _BATCH_COUNTER.fullmatch(key))
+    )
     unexpected = sorted(set(state_dict) - set(expected))
     mis_shaped = [
         f"{key}: {tuple(np.shape(state_dict[key]))} != {expected[key]}"
@@ -786,27 +842,54 @@ def _text_to_torch(params: Entries) -> StateDict:
     return state
 
 
+def _split_variables(
+    params: ParamTree, batch_stats: ParamTree | None
+) -> tuple[ParamTree, ParamTree | None]:
+    """``(params, batch_stats)`` from a bare ``params`` tree or a ``variables`` dict holding
+    ``params`` and possibly ``batch_stats``."""
+    if isinstance(params, Mapping) and "params" in params and set(params) <= VARIABLE_COLLECTIONS:
+        if batch_stats is not None and "batch_stats" in params:
+            raise ValueError("batch_stats given twice: as an argument and inside the variables")
+        return params["params"], params.get("batch_stats", batch_stats)
+    return params, batch_stats
+
+
 def to_open_clip_state_dict(
     params: ParamTree,
     *,
     model_config: Mapping[str, Any] | None = None,
     dtype: Any = np.float32,
+    batch_stats: ParamTree | None = None,
 ) -> StateDict:
-    """Map a JAX two-tower ViT parameter tree to open_clip's ``CLIP`` state dict (NumPy arrays).
+    """Map a JAX two-tower parameter tree to open_clip's ``CLIP`` state dict (NumPy arrays).
 
-    ``params`` is the ``params`` collection (or the ``variables`` dict holding it), with JAX or
-    NumPy leaves; they must be fully addressable (gather sharded arrays first). Every leaf must map:
-    a parameter open_clip has no place for raises ``ValueError``. When ``model_config`` is given,
-    the result is checked against the keys and shapes that config builds in open_clip; it is
-    required for an image tower exported as a timm trunk, and its ``custom_text`` puts the text
-    tower under ``text.`` (CustomTextCLIP).
+    ``params`` is the ``params`` collection (or the ``variables`` dict holding it, with
+    ``batch_stats`` for a ResNet image tower), with JAX or NumPy leaves; they must be fully
+    addressable (gather sharded arrays first). Every leaf must map: a parameter open_clip has no
+    place for raises ``ValueError``. When ``model_config`` is given, the result is checked against
+    the keys and shapes that config builds in open_clip; it is required for an image tower
+    exported as a timm trunk, and its ``custom_text`` puts the text tower under ``text.``
+    (CustomTextCLIP).
+
+    ``batch_stats``: the ``batch_stats`` collection (BatchNorm running means and variances) of a
+    ``ModifiedResNet`` image tower, which become the ``running_mean`` / ``running_var`` buffers
+    (the model's state in training, e.g. the trainer's ``model_state``); required for that tower.
     """
+    params, batch_stats = _split_variables(params, batch_stats)
     convert = lambda value: np.asarray(value, dtype=dtype)
     params_consumer = Entries(flatten(unwrap_variables(params)), convert, "JAX parameter")
+    stats_consumer = Entries(flatten(batch_stats or {}), convert, "JAX batch_stats")
     vision_cfg = (model_config or {}).get("vision_cfg", {})
     if vision_cfg.get("timm_model_name"):
         wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
         state = _vision_trunk_to_torch(params_consumer, wiring)
+    elif params_consumer.has("image_encoder/attnpool/positional_embedding"):
+        if batch_stats is None:
+            raise ValueError(
+                "the ResNet image tower's BatchNorm running statistics are needed: pass "
+                "batch_stats= (the model's `batch_stats` collection)"
+            )
+        state = open_clip_resnet.resnet_to_torch(params_consumer, stats_consumer)
     else:
         state = _vision_to_torch(params_consumer)
     custom_text = bool((model_config or {}).get("custom_text", False))
@@ -820,8 +903,13 @@ def to_open_clip_state_dict(
     if params_consumer.has("logit_bias"):
         state["logit_bias"] = params_consumer.take("logit_bias")
     params_consumer.check_all_taken()
-    # Transposes leave strided views; safetensors and torch want contiguous buffers.
-    state = {key: np.asarray(value, dtype=dtype, order="C") for key, value in state.items()}
+    stats_consumer.check_all_taken()
+    # Transposes leave strided views; safetensors and torch want contiguous buffers. Integer
+    # buffers (BatchNorm's num_batches_tracked) keep their int64.
+    state = {
+        key: np.asarray(value, dtype=None if value.dtype.kind in "iu" else dtype, order="C")
+        for key, value in state.items()
+    }
     if model_config is not None:
         check_state_dict_matches_config(state, model_config)
     return state
@@ -953,10 +1041,30 @@ def from_open_clip_state_dict(
 
     The config is needed for the head counts, which a state dict does not record, and for a timm
     trunk's architecture. The exact inverse of :func:`to_open_clip_state_dict`: a round trip
-    returns the same arrays.
+    returns the same arrays. A ResNet image tower also has BatchNorm running statistics, which are
+    not parameters: use :func:`from_open_clip_variables` for it (this function refuses it rather
+    than drop them).
     """
+    variables = from_open_clip_variables(state_dict, model_config=model_config, dtype=dtype)
+    if "batch_stats" in variables:
+        raise ValueError(
+            "this open_clip model has BatchNorm running statistics (a ResNet image tower): "
+            "import it with from_open_clip_variables (or load_open_clip_variables)"
+        )
+    return variables["params"]
+
+
+def from_open_clip_variables(
+    state_dict: Mapping[str, Any],
+    *,
+    model_config: Mapping[str, Any],
+    dtype: Any = np.float32,
+) -> dict[str, Any]:
+    """Map an open_clip state dict to this project's ``variables``: ``{"params": ...}``, plus
+    ``"batch_stats"`` (BatchNorm ``running_mean`` / ``running_var`` as ``mean`` / ``var``) for a
+    ResNet image tower. ``num_batches_tracked`` counters are read if present and dropped."""
     state_dict = _in_config_layout(state_dict, model_config)
-    check_state_dict_matches_config(state_dict, model_config)
+    check_state_dict_matches_config(state_dict, model_config, allow_missing_counters=True)
     kwargs = jax_model_kwargs(model_config)
     state = Entries(
         _strip_custom_text_prefix(state_dict),
@@ -965,9 +1073,13 @@ def from_open_clip_state_dict(
     )
     take = state.take
     vision_cfg = model_config["vision_cfg"]
+    stats: StateDict = {}
     if vision_cfg.get("timm_model_name"):
         wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
         flat = _vision_trunk_from_torch(state, wiring)
+    elif open_clip_resnet.is_resnet_vision_cfg(vision_cfg):
+        num_heads = kwargs["image_encoder"]["num_heads"]
+        flat, stats = open_clip_resnet.resnet_from_torch(state, num_heads)
     else:
         flat = _vision_from_torch(state, kwargs["image_encoder"]["num_heads"])
     flat.update(
@@ -989,7 +1101,13 @@ def from_open_clip_state_dict(
     if state.has("logit_bias"):
         flat["logit_bias"] = take("logit_bias")
     state.check_all_taken()
-    return unflatten({key: np.asarray(value, order="C") for key, value in flat.items()})
+    as_tree = lambda entries: unflatten(
+        {key: np.asarray(value, order="C") for key, value in entries.items()}
+    )
+    variables = {"params": as_tree(flat)}
+    if stats:
+        variables["batch_stats"] = as_tree(stats)
+    return variables
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1017,6 +1135,7 @@ def save_open_clip(
     *,
     preprocess_cfg: Mapping[str, Any] | None = None,
     dtype: Any = np.float32,
+    batch_stats: ParamTree | None = None,
 ) -> Path:
     """Write an open_clip export directory; returns its path.
 
@@ -1024,10 +1143,14 @@ def save_open_clip(
     (``{"model_cfg", "preprocess_cfg"}``, what ``local-dir:`` and ``hf-hub:`` read) and, when
     ``name`` is given, ``<name>.json`` (the bare model config for ``open_clip.add_model_config``).
     ``preprocess_cfg`` entries override the defaults (OpenAI mean/std, bicubic, the model's size).
+    ``params`` and ``batch_stats`` as in :func:`to_open_clip_state_dict` (``batch_stats`` for a
+    ResNet image tower).
     """
     from safetensors.numpy import save_file
 
-    state = to_open_clip_state_dict(params, model_config=model_config, dtype=dtype)
+    state = to_open_clip_state_dict(
+        params, model_config=model_config, dtype=dtype, batch_stats=batch_stats
+    )
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     image_size = model_config["vision_cfg"]["image_size"]
@@ -1154,8 +1277,23 @@ def load_open_clip(
     """Read an open_clip model directory (ours or a Hub snapshot): ``(model_cfg, params)``.
 
     ``model_config`` (e.g. from pretrain/export/open_clip_configs.py) replaces the directory's
-    ``open_clip_config.json``, which is then not needed.
+    ``open_clip_config.json``, which is then not needed. A model with BatchNorm (a ResNet image
+    tower) needs :func:`load_open_clip_variables`.
     """
+    model_config, variables = load_open_clip_variables(path_dir, model_config)
+    if "batch_stats" in variables:
+        raise ValueError(
+            f"{path_dir} holds BatchNorm running statistics (a ResNet image tower): read it "
+            "with load_open_clip_variables"
+        )
+    return model_config, variables["params"]
+
+
+def load_open_clip_variables(
+    path_dir: str | Path, model_config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`load_open_clip` for any model: ``(model_cfg, variables)``, the variables holding
+    ``params`` and, for a ResNet image tower, ``batch_stats``."""
     if model_config is None:
         model_config = read_model_config(path_dir)
         if model_config is None:
@@ -1165,7 +1303,7 @@ def load_open_clip(
             )
     model_config = dict(model_config)
     state_dict = load_open_clip_weights(find_open_clip_weights(path_dir))
-    return model_config, from_open_clip_state_dict(state_dict, model_config=model_config)
+    return model_config, from_open_clip_variables(state_dict, model_config=model_config)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,6 +35,17 @@ from pretrain.tasks import base
 from pretrain.tasks.clip_teacher import build_teacher, run_params
 from pretrain.tasks.range_augment import RangeAugmentStage
 
+# Flax's collection of BatchNorm running statistics (the train state's "model_state").
+BATCH_STATS = "batch_stats"
+
+
+def model_variables(params: Any, model_state: Any) -> dict[str, Any]:
+    """Flax variables of the two-tower model: parameters (+ BatchNorm statistics if any)."""
+    return (
+        {"params": params} if model_state is None else {"params": params, BATCH_STATS: model_state}
+    )
+
+
 LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
 # open_clip clamps the learned temperature so that the logit scale never exceeds 100.
 MAX_LOG_LOGIT_SCALE = math.log(100.0)
@@ -102,27 +113,48 @@ class Task(base.Task):
 
     # -- model ---------------------------------------------------------------------------------
 
-    def init_params(self, rng: jax.Array) -> Any:
+    def init_variables(self, rng: jax.Array) -> tuple[Any, Any]:
+        """Parameters, and the BatchNorm statistics of towers that have them (ResNet, MCi)."""
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         tokens = jnp.zeros((1, self.context_length), jnp.int32)
         model_rng, augment_rng = jax.random.split(rng)
-        params = self.model.init(model_rng, images, tokens)["params"]
+        variables = self.model.init(model_rng, images, tokens)
+        params = variables["params"]
         if self.range_augment is not None:
             params = {**params, "range_augment": self.range_augment.init(augment_rng, images)}
-        return params
+        return params, variables.get(BATCH_STATS)
 
-    def _encode_unit_images(self, params: Any, images: jax.Array) -> jax.Array:
-        """Embeddings of float images in [0, 1], normalised with CLIP's mean and std."""
+    def init_params(self, rng: jax.Array) -> Any:
+        return self.init_variables(rng)[0]
+
+    def _encode_unit_images(
+        self, params: Any, images: jax.Array, model_state: Any = None, train: bool = False
+    ) -> tuple[jax.Array, Any]:
+        """Embeddings of float images in [0, 1], normalised with CLIP's mean and std, and the
+        BatchNorm statistics (updated from this batch when training)."""
         normalized = (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-        embeds, _ = self.model.apply(
-            {"params": params}, normalized, method=TwoTowerModel.encode_image
-        )
-        return embeds
+        variables = model_variables(params, model_state)
+        if train and model_state is not None:
+            (embeds, _), updated = self.model.apply(
+                variables,
+                normalized,
+                train=True,
+                method=TwoTowerModel.encode_image,
+                mutable=[BATCH_STATS],
+            )
+            return embeds, updated[BATCH_STATS]
+        embeds, _ = self.model.apply(variables, normalized, method=TwoTowerModel.encode_image)
+        return embeds, model_state
 
-    def encode_images(self, params: Any, images_uint8: jax.Array) -> jax.Array:
-        return self._encode_unit_images(params, images_uint8.astype(jnp.float32) / 255.0)
+    def encode_images(self, variables: Any, images_uint8: jax.Array) -> jax.Array:
+        """Evaluation: ``variables`` = {"params", "model_state"} (see :meth:`evaluate`)."""
+        images = images_uint8.astype(jnp.float32) / 255.0
+        return self._encode_unit_images(variables["params"], images, variables["model_state"])[0]
 
-    def encode_texts(self, params: Any, tokens: jax.Array) -> jax.Array:
+    def encode_texts(self, variables: Any, tokens: jax.Array) -> jax.Array:
+        return self._encode_texts(variables["params"], tokens)
+
+    def _encode_texts(self, params: Any, tokens: jax.Array) -> jax.Array:
         embeds, _ = self.model.apply({"params": params}, tokens, method=TwoTowerModel.encode_text)
         return embeds
 
@@ -132,14 +164,21 @@ class Task(base.Task):
         self, params: Any, batch: base.Batch, rng: jax.Array, frozen: Any = None
     ) -> dict[str, jax.Array]:
         del frozen
+        return self._embed(params, batch, rng)[0]
+
+    def _embed(
+        self, params: Any, batch: base.Batch, rng: jax.Array, model_state: Any = None
+    ) -> tuple[dict[str, jax.Array], Any]:
         images = batch["image"].astype(jnp.float32) / 255.0
         embeddings = {}
         if self.range_augment is not None:
             # The MSE per image, so that exact gradient accumulation carries it like an embedding.
             images, embeddings["augment_mse"] = self.range_augment.augment(params, images, rng)
-        embeddings["image"] = self._encode_unit_images(params, images)
-        embeddings["text"] = self.encode_texts(params, batch["text"])
-        return embeddings
+        embeddings["image"], model_state = self._encode_unit_images(
+            params, images, model_state, train=True
+        )
+        embeddings["text"] = self._encode_texts(params, batch["text"])
+        return embeddings, model_state
 
     def loss_from_embeddings(
         self,
@@ -177,9 +216,19 @@ class Task(base.Task):
         return value, metrics
 
     def loss_fn(
-        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
+        self,
+        params: Any,
+        batch: base.Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        frozen: Any = None,
+        model_state: Any = None,
     ) -> tuple[jax.Array, base.Metrics]:
-        return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng, step)
+        embeddings, model_state = self._embed(params, batch, rng, model_state)
+        loss, metrics = self.loss_from_embeddings(params, embeddings, rng, step)
+        if model_state is not None:
+            metrics["model_state"] = model_state  # the trainer keeps it (trainer.MODEL_STATE_KEY)
+        return loss, metrics
 
     def project_params(self, params: Any) -> Any:
         clamped = jnp.clip(params["logit_scale"], 0.0, MAX_LOG_LOGIT_SCALE)
@@ -240,12 +289,13 @@ class Task(base.Task):
             pretrained["text_encoder"] = teacher.load()["text_encoder"]
         return pretrained or None
 
-    def export(self, params: Any, directory: str) -> str:
+    def export(self, params: Any, directory: str, model_state: Any = None) -> str:
         """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py.
 
         An EVA-style image tower (e.g. UTA's) becomes a timm trunk in open_clip: a registered one
         when the architecture matches, else the tower's own timm export in ``timm_trunk/``
-        (referenced as ``local-dir:``; open_clip then needs that folder where it loads).
+        (referenced as ``local-dir:``; open_clip then needs that folder where it loads). A
+        ResNet tower's BatchNorm statistics (``model_state``) become its running_mean/var.
         """
         params = {k: v for k, v in params.items() if k != "range_augment"}  # training only
         fixed_scale = self.config.loss.get("fixed_logit_scale")
@@ -268,7 +318,9 @@ class Task(base.Task):
             init_logit_bias=self.model.logit_bias_init,
             timm_model_name=trunk_name,
         )
-        return str(open_clip.save_open_clip(directory, params, model_config))
+        return str(
+            open_clip.save_open_clip(directory, params, model_config, batch_stats=model_state)
+        )
 
     def prepare_evaluation(self) -> None:
         if self._evaluator is None:
@@ -281,7 +333,9 @@ class Task(base.Task):
                 encode_texts=self.encode_texts,
             )
 
-    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
+    def evaluate(
+        self, params: Any, step: int, frozen: Any = None, model_state: Any = None
+    ) -> dict[str, float]:
         del step, frozen
         self.prepare_evaluation()
-        return self._evaluator(params)
+        return self._evaluator({"params": params, "model_state": model_state})

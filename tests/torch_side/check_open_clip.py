@@ -15,8 +15,9 @@ directory and writing ``torch_outputs.npz`` (normalised ``image_embeds``, ``text
     Creates an open_clip model from a built-in name (e.g. ``ViT-B-16``) or a config JSON path
     (``CLIP``, or ``CustomTextCLIP`` when the config says ``custom_text``; a timm trunk may be
     ``local-dir:/path``), with random weights (LayerNorm and biases perturbed too, not left at 1
-    and 0), and writes ``CASE_DIR/reference/{open_clip_config.json, open_clip_model.safetensors}``
-    for the JAX side to import.
+    and 0; BatchNorm running statistics from the inputs, perturbed, for a ResNet), and writes
+    ``CASE_DIR/reference/{open_clip_config.json, open_clip_model.safetensors}`` for the JAX side
+    to import.
 
 ``describe OUT_JSON NAME...``
     For open_clip's registered model names: the model config (``get_model_config``) and the
@@ -113,6 +114,32 @@ def _perturb_(model: torch.nn.Module, seed: int) -> None:
             parameter.add_(noise * (0.1 * spread if spread > 0 else 0.05))
 
 
+def _calibrate_batch_norms_(model: torch.nn.Module, case_dir: Path, seed: int) -> None:
+    """BatchNorm running statistics as a trained model has them (a ResNet tower): the inputs'
+    own statistics (one cumulative pass), then perturbed so that they are not exactly those.
+    Models without BatchNorm are left untouched."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    images = torch.from_numpy(np.load(case_dir / "inputs.npz")["images"]).permute(0, 3, 1, 2)
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    model.train()
+    with torch.no_grad():
+        model.encode_image(images.contiguous())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+            shape = norm.running_mean.shape
+            spread = norm.running_var.sqrt()
+            norm.running_mean.add_(0.1 * spread * torch.randn(shape, generator=generator))
+            norm.running_var.mul_(0.7 + 0.6 * torch.rand(shape, generator=generator))
+    model.eval()
+
+
 def make_reference(case_dir: Path, model_spec: str) -> None:
     torch.manual_seed(0)
     if model_spec.endswith(".json"):
@@ -128,6 +155,7 @@ def make_reference(case_dir: Path, model_spec: str) -> None:
         model_config = open_clip.get_model_config(model_spec)
         model = open_clip.create_model(model_spec)
     _perturb_(model, seed=1)
+    _calibrate_batch_norms_(model, case_dir, seed=2)
     reference_dir = case_dir / "reference"
     reference_dir.mkdir(parents=True, exist_ok=True)
     state = {key: value.contiguous() for key, value in model.state_dict().items()}

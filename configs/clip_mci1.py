@@ -1,0 +1,22 @@
+"""CLIP with the MobileCLIP MCi1 image tower (paper 000; open_clip's MobileCLIP-S1 vision tower,
+timm fastvit_mci1), trained with paper 000's Table 11 recipe at MobileCLIP's 256 px; embedding 512,
+the 12-layer 512-wide text tower without a causal mask (MobileCLIP's).
+
+Arguments: runlocal (a shallow MCi1 on the embedded scenes, CPU), loss=sigmoid|sigmoid_ring.
+"""
+
+from ml_collections import ConfigDict
+
+from configs.clip_towers import tower_config
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    tower = {"module": "models.mobileclip.MobileClipImageTower", "variant": "mci1", "bn_groups": 1}
+    return tower_config(
+        arg,
+        image=tower,
+        runlocal_image={**tower, "depths": (1, 1, 2, 1)},
+        embed_dim=512,
+        image_size=256,
+        causal_text=False,
+    )

@@ -1,0 +1,306 @@
+"""MobileCLIP's MCi image towers: parameter counts (the paper's), shapes of the named
+intermediates, re-parameterisation that leaves evaluation outputs unchanged (random weights and
+random, non-trivial BatchNorm statistics), per-group BatchNorm in training, rematerialisation,
+bfloat16, and the sharded global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+from random_params import random_params
+from tree_compare import assert_close_at_scale
+
+from models.mobileclip import (
+    MCI_VARIANTS,
+    MobileClipImageTower,
+    identity_kernel,
+    pad_kernel,
+    reparameterize,
+)
+from pretrain import sharding
+
+IMAGE_SIZE = 64
+# A reduced-depth tower with every kind of layer (stem, RepMixer stages, SE patch embeddings,
+# RepCPE, attention, final conv with SE) for the quick tests.
+SMALL = {"depths": (1, 1, 2, 1), "widths": (16, 32, 64, 128)}
+# The narrowest such tower (two attention heads), for the tests that compile several programs.
+TINY = {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}
+# MobileCLIP paper (Table: MCi0 / MCi1 / MCi2 image encoders), millions of parameters.
+PAPER_MILLIONS = {"mci0": 11.4, "mci1": 21.5, "mci2": 35.7}
+REPARAMETERIZE_TOLERANCE = 1e-5
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def variable_shapes(tower: MobileClipImageTower, image_size: int = IMAGE_SIZE):
+    images = jnp.zeros((1, image_size, image_size, 3))
+    return jax.eval_shape(tower.init, jax.random.key(0), images)
+
+
+def random_batch_stats(tower: MobileClipImageTower, seed: int):
+    """Running means around 0 with spread, running variances in [0.5, 2]: BatchNorm folding that
+    ignored either would show."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if path[-1].key == "mean":
+            return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, variable_shapes(tower)["batch_stats"])
+
+
+def random_variables(tower: MobileClipImageTower, seed: int = 0) -> dict:
+    """Random params (BN scales near 1, biases and layer scales around 0.1) + random BN stats."""
+    images = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    return {
+        "params": random_params(tower, images, seed=seed),
+        "batch_stats": random_batch_stats(tower, seed=seed + 1),
+    }
+
+
+def random_images(batch: int, seed: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
+
+
+def evaluate(tower: MobileClipImageTower, variables, images):
+    return jax.jit(lambda v, x: tower.apply(v, x))(variables, images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", sorted(MCI_VARIANTS))
+def test_parameter_counts_are_the_papers(variant):
+    """The paper's sizes are the inference (re-parameterised) tower with its 512-d projection
+    (timm's head.fc, 1024 or 1280 -> 512 with a bias). The train-time form is larger: its extra
+    BatchNorms and branches make MCi2 35.8M."""
+    inference = MobileClipImageTower.from_variant(variant, output_dim=512, reparameterized=True)
+    train_form = MobileClipImageTower.from_variant(variant, output_dim=512)
+    inference_count = count(variable_shapes(inference)["params"])
+    train_count = count(variable_shapes(train_form)["params"])
+    assert round(inference_count / 1e6, 1) == PAPER_MILLIONS[variant]
+    assert train_count > inference_count
+    head = train_form.width * 512 + 512
+    assert count(variable_shapes(train_form.clone(output_dim=None))["params"]) == train_count - head
+
+
+def test_variants_fields_and_width():
+    tower = MobileClipImageTower.from_variant("mci2", output_dim=256)
+    assert tower.depths == (4, 12, 24, 4) and tower.widths == (80, 160, 320, 640)
+    assert tower.width == 1280 and tower.output_dim == 256
+    with pytest.raises(ValueError, match="unknown MobileCLIP variant"):
+        MobileClipImageTower.from_variant("mci9")
+    with pytest.raises(ValueError, match="widths"):
+        variable_shapes(MobileClipImageTower(depths=(1, 1), widths=(16, 32, 64)))
+    with pytest.raises(ValueError, match="head_dim"):
+        variable_shapes(MobileClipImageTower(**{**SMALL, "widths": (16, 32, 64, 100)}))
+
+
+def test_intermediates_shapes_and_embedding():
+    tower = MobileClipImageTower(**SMALL, output_dim=24)
+    variables = random_variables(tower)
+    embedding, intermediates = evaluate(tower, variables, random_images(2, seed=0))
+    for index, (width, stride) in enumerate(zip(SMALL["widths"], (4, 8, 16, 32))):
+        side = IMAGE_SIZE // stride
+        assert intermediates[f"stage_{index}"].shape == (2, side, side, width)
+    assert intermediates["final_features"].shape == (2, 2, 2, 256)
+    np.testing.assert_allclose(
+        intermediates["pre_logits"], intermediates["final_features"].mean(axis=(1, 2)), rtol=1e-6
+    )
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(
+        embedding, intermediates["pre_logits"] @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6
+    )
+    pooled, _ = evaluate(
+        tower.clone(output_dim=None),
+        {
+            **variables,
+            "params": {
+                name: value for name, value in variables["params"].items() if name != "head"
+            },
+        },
+        random_images(2, seed=0),
+    )
+    np.testing.assert_allclose(pooled, intermediates["pre_logits"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-parameterisation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_identity_and_padded_kernels():
+    """The folded identity is a conv that returns its input (grouped: 2 inputs per group), and a
+    1x1 kernel padded to 3x3 gives the same conv (stride 2 included)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
+
+    def conv(inputs, kernel, stride=1, groups=1):
+        pad = kernel.shape[0] // 2
+        return jax.lax.conv_general_dilated(
+            inputs,
+            kernel.astype(np.float32),
+            (stride, stride),
+            ((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )
+
+    np.testing.assert_allclose(conv(x, identity_kernel(4, 2, 3), groups=2), x, atol=1e-7)
+    np.testing.assert_allclose(conv(x, identity_kernel(4, 1, 7), groups=4), x, atol=1e-7)
+    small = rng.standard_normal((1, 1, 4, 8))
+    np.testing.assert_allclose(
+        conv(x, small, stride=2), conv(x, pad_kernel(small, 3), stride=2), atol=1e-6
+    )
+
+
+def assert_reparameterized_outputs_equal(tower: MobileClipImageTower, seed: int) -> dict:
+    variables = random_variables(tower, seed=seed)
+    inference_variables, inference_tower = reparameterize(variables, tower)
+    assert inference_tower.reparameterized and not tower.reparameterized
+    # The folded tree is exactly the inference tower's layout.
+    expected = variable_shapes(inference_tower)
+    assert jax.tree.structure(inference_variables) == jax.tree.structure(expected)
+    for folded, wanted in zip(jax.tree.leaves(inference_variables), jax.tree.leaves(expected)):
+        assert np.shape(folded) == wanted.shape and np.asarray(folded).dtype == wanted.dtype
+    images = random_images(3, seed=seed + 7)
+    before, before_intermediates = evaluate(tower, variables, images)
+    after, after_intermediates = evaluate(inference_tower, inference_variables, images)
+    differences = {"embedding": float(np.abs(np.asarray(before) - np.asarray(after)).max())}
+    for name in ("pre_logits", "final_features", "stage_0", "stage_1", "stage_2", "stage_3"):
+        reference = np.asarray(before_intermediates[name])
+        difference = float(np.abs(reference - np.asarray(after_intermediates[name])).max())
+        # Feature maps reach ~10 here; their float32 rounding scales with that magnitude.
+        assert difference <= REPARAMETERIZE_TOLERANCE * max(1.0, np.abs(reference).max()), name
+        differences[name] = difference
+    assert differences["embedding"] <= REPARAMETERIZE_TOLERANCE
+    assert differences["pre_logits"] <= REPARAMETERIZE_TOLERANCE
+    # The random statistics matter: ignoring them (identity BN) changes the outputs a lot.
+    plain = {**variables, "batch_stats": jax.tree.map(np.ones_like, variables["batch_stats"])}
+    assert np.abs(np.asarray(evaluate(tower, plain, images)[0]) - np.asarray(before)).max() > 1e-2
+    print(f"reparameterize max |diff|: {differences}")
+    return differences
+
+
+def test_reparameterize_keeps_outputs_small():
+    assert_reparameterized_outputs_equal(MobileClipImageTower(**SMALL, output_dim=24), seed=1)
+
+
+def test_reparameterize_keeps_outputs_mci0():
+    assert_reparameterized_outputs_equal(
+        MobileClipImageTower.from_variant("mci0", output_dim=512), seed=2
+    )
+
+
+def test_reparameterize_rejects_inference_tower():
+    tower = MobileClipImageTower(**SMALL, reparameterized=True)
+    with pytest.raises(ValueError, match="already"):
+        reparameterize({"params": {}, "batch_stats": {}}, tower)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training mode
+# --------------------------------------------------------------------------------------------------
+
+
+def train_apply(tower, variables, images):
+    return jax.jit(lambda v, x: tower.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, images
+    )
+
+
+def test_training_uses_group_statistics_and_updates_running_stats():
+    """With bn_groups=2 each half of the batch is normalised on its own: the first half's
+    outputs equal a one-group run on that half alone, and differ from whole-batch statistics."""
+    tower = MobileClipImageTower(**TINY, output_dim=24, bn_groups=2)
+    variables = random_variables(tower, seed=3)
+    images = random_images(4, seed=4)
+    images[2:] = 3.0 * images[2:] + 1.0  # the second half has other statistics
+    (grouped, _), updated = train_apply(tower, variables, images)
+    (alone, _), _ = train_apply(tower.clone(bn_groups=1), variables, images[:2])
+    (whole, _), _ = train_apply(tower.clone(bn_groups=1), variables, images)
+    np.testing.assert_allclose(grouped[:2], alone, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(whole[:2]) - np.asarray(alone)).max() > 1e-3
+    # Every running statistic moved; evaluation differs from training-mode outputs.
+    for old, new in zip(
+        jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updated["batch_stats"])
+    ):
+        assert np.abs(np.asarray(new) - old).max() > 0
+    evaluated, _ = evaluate(tower, variables, images)
+    assert np.abs(np.asarray(evaluated) - np.asarray(grouped)).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_remat_gives_the_same_values_and_gradients():
+    images = random_images(2, seed=5)
+    towers = [
+        MobileClipImageTower(**TINY, output_dim=8, remat_policy=policy)
+        for policy in ("none", "full")
+    ]
+    variables = random_variables(towers[0], seed=6)
+
+    def loss(params, tower):
+        (embedding, _), updated = tower.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(embedding**2), updated
+
+    results = [
+        jax.jit(jax.value_and_grad(lambda p, t=t: loss(p, t), has_aux=True))(variables["params"])
+        for t in towers
+    ]
+    (value, stats), grads = results[0]
+    (remat_value, remat_stats), remat_grads = results[1]
+    np.testing.assert_allclose(value, remat_value, rtol=1e-5)
+    assert_close_at_scale(remat_stats, stats)
+    # One scale for all gradients: some are ~0 by construction (a conv feeding a training-mode
+    # BatchNorm has no gradient along its output's mean), where only float noise is left.
+    flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(grads)])
+    remat_flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(remat_grads)])
+    np.testing.assert_allclose(remat_flat, flat, rtol=1e-4, atol=1e-5 * np.abs(flat).max())
+
+
+def test_bfloat16_computation_float32_parameters():
+    tower = MobileClipImageTower(**TINY, output_dim=8, dtype=jnp.bfloat16)
+    variables = random_variables(tower, seed=7)
+    images = random_images(2, seed=8)
+    # Training-mode dtypes from shapes alone (a compile would cost more than it checks).
+    (embedding, intermediates), updated = jax.eval_shape(
+        lambda v, x: tower.apply(v, x, train=True, mutable=["batch_stats"]), variables, images
+    )
+    assert embedding.dtype == jnp.bfloat16 and intermediates["stage_3"].dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updated["batch_stats"]))
+    reference, _ = evaluate(tower.clone(dtype=jnp.float32), variables, images)
+    low, _ = evaluate(tower, variables, images)
+    scale = np.abs(np.asarray(reference)).max()
+    assert np.abs(np.asarray(low, np.float32) - np.asarray(reference)).max() < 0.1 * scale
+
+
+def test_sharded_batch_with_per_device_groups_matches_unsharded():
+    """The trainer's setting: a global batch sharded over 8 devices under jit; bn_groups=8 is
+    per-device statistics and must equal the same groups computed without sharding."""
+    mesh = sharding.make_mesh({"data": -1})
+    tower = MobileClipImageTower(**TINY, output_dim=8, bn_groups=8)
+    variables = random_variables(tower, seed=9)
+    # 64 px: stage 4 is 2 x 2, so each group's statistics there cover 8 values (at 1 x 1, two
+    # values per group make the normalisation ill-conditioned and float reordering visible).
+    images = random_images(16, seed=10)
+    (expected, _), expected_stats = train_apply(tower, variables, images)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    (embedding, _), stats = train_apply(tower, variables, jax.device_put(images, batch_sharding))
+    np.testing.assert_allclose(embedding, expected, rtol=1e-4, atol=1e-5)
+    for actual, wanted in zip(jax.tree.leaves(stats), jax.tree.leaves(expected_stats)):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-6)

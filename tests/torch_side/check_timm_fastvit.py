@@ -1,0 +1,182 @@
+"""Torch-side half of the timm FastViT (MobileCLIP MCi) export parity tests (runs in .venv-torch,
+never imports JAX).
+
+Each CASE_DIR holds ``inputs.npz`` with ``images`` (NHWC float32). Outputs go next to it:
+``torch_outputs.npz`` with, all NHWC / (B, C) float32, ``features`` (``forward_features``: the
+final conv's output), ``pre_logits`` (``forward_head(..., pre_logits=True)``), ``embedding``
+(``forward``), ``stage_0`` .. ``stage_3`` (``forward_intermediates``), and the same names prefixed
+``reparam_`` for timm's own re-parameterised model (``timm.utils.reparameterize_model``); plus
+``report.json``.
+
+``load-export CASE_DIR...``
+    Builds timm's model from ``CASE_DIR/export/config.json`` as the export's docstring tells a
+    user (``create_model(architecture, pretrained=False, **model_args)``, then
+    ``load_state_dict(safetensors, strict=True)``) and through ``local-dir:``; runs both in eval
+    mode; re-parameterises with timm and writes that model's state dict to
+    ``CASE_DIR/reparam_state.safetensors``. Reports keys, parameter counts, BatchNorm eps /
+    momentum and the ``num_batches_tracked`` dtype.
+
+``make-reference CASE_DIR``
+    ``CASE_DIR/spec.json`` = ``{"architecture", "model_args"}``: a timm model with random weights
+    and random BatchNorm running statistics, written as ``CASE_DIR/reference/{config.json,
+    model.safetensors}`` for the JAX side to import, with its outputs.
+
+``count OUT_JSON``
+    Parameter counts of fastvit_mci0/1/2 with a 512-d head: train-time and ``inference_mode``.
+
+Several commands may run in one process, separated by ``--`` (torch and timm import once):
+``load-export A B -- make-reference C -- count out.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from check_timm_eva import _perturb_
+from safetensors.torch import load_file, save_file
+from timm.utils.model import reparameterize_model
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def _nhwc(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _run(model: torch.nn.Module, case_dir: Path, prefix: str = "") -> dict[str, np.ndarray]:
+    images = np.load(case_dir / "inputs.npz")["images"]
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(images)
+        outputs = {
+            "features": _nhwc(features),
+            "pre_logits": model.forward_head(features, pre_logits=True).numpy(),
+            "embedding": model(images).numpy(),
+        }
+        stages = model.forward_intermediates(images, intermediates_only=True)
+        outputs.update({f"stage_{i}": _nhwc(stage) for i, stage in enumerate(stages)})
+    return {f"{prefix}{name}": value for name, value in outputs.items()}
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    a, b = first.state_dict(), second.state_dict()
+    return sorted(a) == sorted(b) and all(torch.equal(value, b[key]) for key, value in a.items())
+
+
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def load_export(case_dir: Path) -> None:
+    export_dir = case_dir / "export"
+    config = json.loads((export_dir / "config.json").read_text())
+    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    exported = load_file(str(export_dir / "model.safetensors"))
+    # strict=True raises on any missing or unexpected key and on any shape mismatch.
+    model.load_state_dict(exported, strict=True)
+    from_dir = timm.create_model(f"local-dir:{export_dir}", pretrained=True)
+    outputs = _run(model, case_dir)
+    local_dir_outputs = _run(from_dir, case_dir)
+    norms = _batch_norms(model)
+    counters = [key for key in exported if key.endswith("num_batches_tracked")]
+    report = {
+        "model_class": type(model).__name__,
+        "model_keys": sorted(model.state_dict()),
+        "exported_keys": sorted(exported),
+        "num_parameters": _count(model),
+        "local_dir_matches": _same_weights(model, from_dir),
+        "local_dir_max_diff": max(
+            float(np.abs(outputs[name] - local_dir_outputs[name]).max()) for name in outputs
+        ),
+        "batch_norm_eps": sorted({m.eps for m in norms}),
+        "batch_norm_momentum": sorted({m.momentum for m in norms}),
+        "counter_dtypes": sorted({str(exported[key].dtype) for key in counters}),
+        "counter_values": sorted({int(exported[key]) for key in counters}),
+    }
+    reparameterized = reparameterize_model(copy.deepcopy(model))
+    outputs.update(_run(reparameterized, case_dir, prefix="reparam_"))
+    report["reparam_num_parameters"] = _count(reparameterized)
+    report["reparam_batch_norms"] = len(_batch_norms(reparameterized))
+    state = {key: value.contiguous() for key, value in reparameterized.state_dict().items()}
+    save_file(state, str(case_dir / "reparam_state.safetensors"))
+    np.savez(case_dir / "torch_outputs.npz", **outputs)
+    (case_dir / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _randomize_batch_norms_(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in _batch_norms(model):
+            norm.running_mean.copy_(0.3 * torch.randn(norm.running_mean.shape, generator=generator))
+            spread = torch.rand(norm.running_var.shape, generator=generator)
+            norm.running_var.copy_(0.5 + 1.5 * spread)
+            norm.num_batches_tracked.fill_(int(torch.randint(1, 1000, (), generator=generator)))
+
+
+def make_reference(case_dir: Path) -> None:
+    spec = json.loads((case_dir / "spec.json").read_text())
+    torch.manual_seed(0)
+    model = timm.create_model(spec["architecture"], pretrained=False, **spec["model_args"])
+    _perturb_(model, seed=1)
+    _randomize_batch_norms_(model, seed=2)
+    if isinstance(model.head.fc, torch.nn.Linear):
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(3)
+            model.head.fc.bias.copy_(
+                0.1 * torch.randn(model.head.fc.bias.shape, generator=generator)
+            )
+    reference_dir = case_dir / "reference"
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(reference_dir / "model.safetensors"))
+    (reference_dir / "config.json").write_text(json.dumps(spec))
+    np.savez(case_dir / "torch_outputs.npz", **_run(model, case_dir))
+
+
+def count(out_path: Path) -> None:
+    counts = {}
+    for name in ("fastvit_mci0", "fastvit_mci1", "fastvit_mci2"):
+        with torch.device("meta"):
+            train = timm.create_model(name, pretrained=False, num_classes=512)
+            inference = timm.create_model(
+                name, pretrained=False, num_classes=512, inference_mode=True
+            )
+        counts[name] = {"train": _count(train), "inference": _count(inference)}
+    out_path.write_text(json.dumps(counts, indent=2))
+
+
+def main(argv: list[str]) -> None:
+    """Commands run in order in one process (torch and timm import once), separated by "--"."""
+    commands: list[list[str]] = [[]]
+    for word in argv:
+        if word == "--":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    for command, *rest in filter(None, commands):
+        if command == "load-export":
+            for case_dir in rest:
+                load_export(Path(case_dir))
+        elif command == "make-reference":
+            for case_dir in rest:
+                make_reference(Path(case_dir))
+        elif command == "count":
+            count(Path(rest[0]))
+        else:
+            raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
