@@ -66,7 +66,10 @@ def tiny_config(tower: str) -> ConfigDict:
     return config
 
 
-@pytest.mark.parametrize("tower", sorted(TINY_TOWERS))
+@pytest.mark.parametrize(
+    "tower",
+    ["resnet", pytest.param("mci", marks=pytest.mark.slow)],  # mci: ~100 s on 2 cores
+)
 def test_tiny_run_trains_batch_statistics_and_evaluates(tower, tmp_path):
     config = tiny_config(tower)
     trainer.train_and_evaluate(config, str(tmp_path))

@@ -1,5 +1,5 @@
-"""Export the project's CLIP / SigLIP two-tower models (ViT or ResNet image tower) to PyTorch
-open_clip, and import back.
+"""Export the project's CLIP / SigLIP two-tower models (ViT, ResNet or MobileCLIP image tower) to
+PyTorch open_clip, and import back.
 
 The JAX parameter tree (``models.two_tower.TwoTowerModel`` with a ``VisionTransformer`` image tower
 and a ``TextTransformer`` text tower) maps one-to-one onto open_clip's ``CLIP`` class; only the
@@ -61,6 +61,13 @@ with both collections) and the import returns both (``from_open_clip_variables``
 ``load_open_clip_variables``; the params-only functions refuse such a model rather than drop the
 statistics).
 
+MobileCLIP (open_clip "MobileCLIP-S1", "MobileCLIP-S2", and "MobileCLIP2-S0" with fastvit_mci0):
+a ``models.mobileclip.MobileClipImageTower`` that is exactly timm's
+``fastvit_mci0/1/2`` becomes that timm trunk under ``visual.trunk.*`` with its classifier
+``head.fc`` as the projection (``timm_pool: avg``, ``timm_proj: null``, ``custom_text: true``),
+mapped by pretrain/export/open_clip_mobileclip.py; like the ResNet, its BatchNorm statistics
+travel as ``batch_stats``.
+
 Options open_clip has but this project's towers do not (layer scale, attentional pooling, other
 timm or Hugging Face towers...) are rejected with their config field's name.
 """
@@ -76,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.export import open_clip_resnet, timm_eva, timm_trunks
+from pretrain.export import open_clip_mobileclip, open_clip_resnet, timm_eva, timm_trunks
 from pretrain.export.tree_io import (
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
@@ -332,8 +339,8 @@ def _vit_vision_cfg(
     for name in ("patch_size", "width", "depth", "num_heads"):
         if _field(image_encoder, name) is None:
             raise ValueError(
-                f"image_encoder has no {name!r}: only ViT and ModifiedResNet image towers export "
-                "to open_clip's CLIP class (other towers export through timm)"
+                f"image_encoder has no {name!r}: only ViT, ModifiedResNet and MobileCLIP image "
+                "towers export to open_clip (other towers export through timm)"
             )
     embed_dim = _field(image_encoder, "output_dim")
     if embed_dim is None:
@@ -380,9 +387,22 @@ def open_clip_model_config(
 
     A ``models.resnet.ModifiedResNet`` image tower becomes open_clip's ``ModifiedResNet`` (see
     pretrain/export/open_clip_resnet.py); ``image_size`` must then be square, a multiple of 32.
+    A ``models.mobileclip.MobileClipImageTower`` becomes timm's registered ``fastvit_mci0/1/2``
+    trunk, as in open_clip's MobileCLIP-S1/S2 configs (see pretrain/export/open_clip_mobileclip.py);
+    a given ``timm_model_name`` must be that name.
     """
     text_activation = _activation_of(text_encoder)
-    if open_clip_resnet.is_resnet_tower(image_encoder):
+    if open_clip_mobileclip.is_mobileclip_tower(image_encoder):
+        # GELU inside timm whatever quick_gelu says: the flag then concerns the text tower alone.
+        vision_cfg, embed_dim = open_clip_mobileclip.mobileclip_vision_cfg(
+            image_encoder, image_size
+        )
+        if timm_model_name not in (None, vision_cfg["timm_model_name"]):
+            raise ValueError(
+                f"timm_model_name={timm_model_name!r}, but the MobileCLIP image tower is timm's "
+                f"{vision_cfg['timm_model_name']}"
+            )
+    elif open_clip_resnet.is_resnet_tower(image_encoder):
         if timm_model_name is not None:
             raise ValueError("timm_model_name applies to ViT image towers, not to a ResNet")
         # A ReLU tower: open_clip's quick_gelu flag then concerns the text tower alone.
@@ -532,7 +552,9 @@ def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """How to build the JAX model that matches an open_clip model config.
 
     Returns ``{"image_encoder": VisionTransformer kwargs (ModifiedResNet kwargs for a ResNet
-    config, see open_clip_resnet.is_resnet_vision_cfg), "text_encoder": TextTransformer kwargs,
+    config, see open_clip_resnet.is_resnet_vision_cfg; MobileClipImageTower kwargs for a
+    MobileCLIP one, see open_clip_mobileclip.is_mobileclip_vision_cfg), "text_encoder":
+    TextTransformer kwargs,
     "logit_bias_init": float | None, "image_size": (height, width)}``; e.g.::
 
         kwargs = jax_model_kwargs(config)
@@ -545,7 +567,11 @@ def jax_model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     text_cfg = model_config["text_cfg"]
     embed_dim = int(model_config["embed_dim"])
     activation = "quick_gelu" if model_config.get("quick_gelu", False) else "gelu"
-    if vision_cfg.get("timm_model_name"):
+    if open_clip_mobileclip.is_mobileclip_vision_cfg(vision_cfg):
+        image_encoder, image_size = open_clip_mobileclip.jax_mobileclip_kwargs(
+            vision_cfg, embed_dim
+        )
+    elif vision_cfg.get("timm_model_name"):
         wiring = timm_trunk_wiring(vision_cfg, embed_dim)
         # timm towers keep their own (exact) GELU whatever quick_gelu says.
         image_encoder = wiring["image_encoder"]
@@ -659,7 +685,11 @@ def open_clip_state_dict_shapes(model_config: Mapping[str, Any]) -> dict[str, tu
     """
     kwargs = jax_model_kwargs(model_config)
     vision_cfg = model_config["vision_cfg"]
-    if vision_cfg.get("timm_model_name"):
+    if open_clip_mobileclip.is_mobileclip_vision_cfg(vision_cfg):
+        shapes = open_clip_mobileclip.mobileclip_state_dict_shapes(
+            vision_cfg, int(model_config["embed_dim"])
+        )
+    elif vision_cfg.get("timm_model_name"):
         shapes = _trunk_vision_shapes(timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"])))
     elif open_clip_resnet.is_resnet_vision_cfg(vision_cfg):
         shapes = open_clip_resnet.resnet_state_dict_shapes(
@@ -842,6 +872,11 @@ def _text_to_torch(params: Entries) -> StateDict:
     return state
 
 
+# A parameter only each BatchNorm image tower has (their running statistics must come along).
+_RESNET_MARKER = "image_encoder/attnpool/positional_embedding"
+_MOBILECLIP_MARKER = "image_encoder/stem_0/conv_kxk_0/conv/kernel"
+
+
 def _split_variables(
     params: ParamTree, batch_stats: ParamTree | None
 ) -> tuple[ParamTree, ParamTree | None]:
@@ -864,7 +899,7 @@ def to_open_clip_state_dict(
     """Map a JAX two-tower parameter tree to open_clip's ``CLIP`` state dict (NumPy arrays).
 
     ``params`` is the ``params`` collection (or the ``variables`` dict holding it, with
-    ``batch_stats`` for a ResNet image tower), with JAX or NumPy leaves; they must be fully
+    ``batch_stats`` for a BatchNorm image tower), with JAX or NumPy leaves; they must be fully
     addressable (gather sharded arrays first). Every leaf must map: a parameter open_clip has no
     place for raises ``ValueError``. When ``model_config`` is given, the result is checked against
     the keys and shapes that config builds in open_clip; it is required for an image tower
@@ -872,23 +907,34 @@ def to_open_clip_state_dict(
     (CustomTextCLIP).
 
     ``batch_stats``: the ``batch_stats`` collection (BatchNorm running means and variances) of a
-    ``ModifiedResNet`` image tower, which become the ``running_mean`` / ``running_var`` buffers
-    (the model's state in training, e.g. the trainer's ``model_state``); required for that tower.
+    ``ModifiedResNet`` or MobileCLIP image tower, which become the ``running_mean`` /
+    ``running_var`` buffers (the model's state in training, e.g. the trainer's ``model_state``);
+    required for those towers. A MobileCLIP tower also needs ``model_config`` (its timm trunk).
     """
     params, batch_stats = _split_variables(params, batch_stats)
     convert = lambda value: np.asarray(value, dtype=dtype)
     params_consumer = Entries(flatten(unwrap_variables(params)), convert, "JAX parameter")
     stats_consumer = Entries(flatten(batch_stats or {}), convert, "JAX batch_stats")
     vision_cfg = (model_config or {}).get("vision_cfg", {})
-    if vision_cfg.get("timm_model_name"):
+    is_resnet = params_consumer.has(_RESNET_MARKER)
+    is_mobileclip = params_consumer.has(_MOBILECLIP_MARKER)
+    if (is_resnet or is_mobileclip) and batch_stats is None:
+        raise ValueError(
+            "the image tower's BatchNorm running statistics are needed: pass batch_stats= (the "
+            "model's `batch_stats` collection)"
+        )
+    if open_clip_mobileclip.is_mobileclip_vision_cfg(vision_cfg):
+        tower = open_clip_mobileclip.tower_of_vision_cfg(vision_cfg, int(model_config["embed_dim"]))
+        state = open_clip_mobileclip.mobileclip_to_torch(params_consumer, stats_consumer, tower)
+    elif is_mobileclip:
+        raise ValueError(
+            "a MobileCLIP image tower exports as a timm fastvit_mci* trunk: pass its model_config "
+            "(open_clip_model_config(...))"
+        )
+    elif vision_cfg.get("timm_model_name"):
         wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
         state = _vision_trunk_to_torch(params_consumer, wiring)
-    elif params_consumer.has("image_encoder/attnpool/positional_embedding"):
-        if batch_stats is None:
-            raise ValueError(
-                "the ResNet image tower's BatchNorm running statistics are needed: pass "
-                "batch_stats= (the model's `batch_stats` collection)"
-            )
+    elif is_resnet:
         state = open_clip_resnet.resnet_to_torch(params_consumer, stats_consumer)
     else:
         state = _vision_to_torch(params_consumer)
@@ -1041,15 +1087,15 @@ def from_open_clip_state_dict(
 
     The config is needed for the head counts, which a state dict does not record, and for a timm
     trunk's architecture. The exact inverse of :func:`to_open_clip_state_dict`: a round trip
-    returns the same arrays. A ResNet image tower also has BatchNorm running statistics, which are
-    not parameters: use :func:`from_open_clip_variables` for it (this function refuses it rather
-    than drop them).
+    returns the same arrays. A ResNet or MobileCLIP image tower also has BatchNorm running
+    statistics, which are not parameters: use :func:`from_open_clip_variables` for it (this
+    function refuses it rather than drop them).
     """
     variables = from_open_clip_variables(state_dict, model_config=model_config, dtype=dtype)
     if "batch_stats" in variables:
         raise ValueError(
-            "this open_clip model has BatchNorm running statistics (a ResNet image tower): "
-            "import it with from_open_clip_variables (or load_open_clip_variables)"
+            "this open_clip model has BatchNorm running statistics (a ResNet or MobileCLIP image "
+            "tower): import it with from_open_clip_variables (or load_open_clip_variables)"
         )
     return variables["params"]
 
@@ -1062,7 +1108,8 @@ def from_open_clip_variables(
 ) -> dict[str, Any]:
     """Map an open_clip state dict to this project's ``variables``: ``{"params": ...}``, plus
     ``"batch_stats"`` (BatchNorm ``running_mean`` / ``running_var`` as ``mean`` / ``var``) for a
-    ResNet image tower. ``num_batches_tracked`` counters are read if present and dropped."""
+    ResNet or MobileCLIP image tower. ``num_batches_tracked`` counters are read if present and
+    dropped."""
     state_dict = _in_config_layout(state_dict, model_config)
     check_state_dict_matches_config(state_dict, model_config, allow_missing_counters=True)
     kwargs = jax_model_kwargs(model_config)
@@ -1074,7 +1121,10 @@ def from_open_clip_variables(
     take = state.take
     vision_cfg = model_config["vision_cfg"]
     stats: StateDict = {}
-    if vision_cfg.get("timm_model_name"):
+    if open_clip_mobileclip.is_mobileclip_vision_cfg(vision_cfg):
+        tower = open_clip_mobileclip.tower_of_vision_cfg(vision_cfg, int(model_config["embed_dim"]))
+        flat, stats = open_clip_mobileclip.mobileclip_from_torch(state, tower)
+    elif vision_cfg.get("timm_model_name"):
         wiring = timm_trunk_wiring(vision_cfg, int(model_config["embed_dim"]))
         flat = _vision_trunk_from_torch(state, wiring)
     elif open_clip_resnet.is_resnet_vision_cfg(vision_cfg):
@@ -1144,7 +1194,7 @@ def save_open_clip(
     ``name`` is given, ``<name>.json`` (the bare model config for ``open_clip.add_model_config``).
     ``preprocess_cfg`` entries override the defaults (OpenAI mean/std, bicubic, the model's size).
     ``params`` and ``batch_stats`` as in :func:`to_open_clip_state_dict` (``batch_stats`` for a
-    ResNet image tower).
+    ResNet or MobileCLIP image tower).
     """
     from safetensors.numpy import save_file
 
@@ -1277,14 +1327,14 @@ def load_open_clip(
     """Read an open_clip model directory (ours or a Hub snapshot): ``(model_cfg, params)``.
 
     ``model_config`` (e.g. from pretrain/export/open_clip_configs.py) replaces the directory's
-    ``open_clip_config.json``, which is then not needed. A model with BatchNorm (a ResNet image
-    tower) needs :func:`load_open_clip_variables`.
+    ``open_clip_config.json``, which is then not needed. A model with BatchNorm (a ResNet or
+    MobileCLIP image tower) needs :func:`load_open_clip_variables`.
     """
     model_config, variables = load_open_clip_variables(path_dir, model_config)
     if "batch_stats" in variables:
         raise ValueError(
-            f"{path_dir} holds BatchNorm running statistics (a ResNet image tower): read it "
-            "with load_open_clip_variables"
+            f"{path_dir} holds BatchNorm running statistics (a ResNet or MobileCLIP image tower): "
+            "read it with load_open_clip_variables"
         )
     return model_config, variables["params"]
 
@@ -1293,7 +1343,7 @@ def load_open_clip_variables(
     path_dir: str | Path, model_config: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """:func:`load_open_clip` for any model: ``(model_cfg, variables)``, the variables holding
-    ``params`` and, for a ResNet image tower, ``batch_stats``."""
+    ``params`` and, for a ResNet or MobileCLIP image tower, ``batch_stats``."""
     if model_config is None:
         model_config = read_model_config(path_dir)
         if model_config is None:

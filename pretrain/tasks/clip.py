@@ -30,7 +30,7 @@ from pretrain import sharding
 from pretrain.data import image_text
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.evaluate import image_text_eval
-from pretrain.export import open_clip, timm_eva
+from pretrain.export import open_clip, open_clip_mobileclip, timm_eva
 from pretrain.tasks import base
 from pretrain.tasks.clip_teacher import build_teacher, run_params
 from pretrain.tasks.range_augment import RangeAugmentStage
@@ -295,7 +295,9 @@ class Task(base.Task):
         An EVA-style image tower (e.g. UTA's) becomes a timm trunk in open_clip: a registered one
         when the architecture matches, else the tower's own timm export in ``timm_trunk/``
         (referenced as ``local-dir:``; open_clip then needs that folder where it loads). A
-        ResNet tower's BatchNorm statistics (``model_state``) become its running_mean/var.
+        MobileCLIP tower becomes timm's registered fastvit_mci0/1/2 trunk (open_clip's
+        MobileCLIP-S1/S2 layout; other MCi towers are refused). A ResNet or MobileCLIP tower's
+        BatchNorm statistics (``model_state``) become its running_mean/var.
         """
         params = {k: v for k, v in params.items() if k != "range_augment"}  # training only
         fixed_scale = self.config.loss.get("fixed_logit_scale")
@@ -303,7 +305,9 @@ class Task(base.Task):
             params["logit_scale"] = np.asarray(np.log(fixed_scale), np.float32)
         image = self.model.image_encoder
         trunk_name = None
-        if not open_clip.is_open_clip_vit(image):
+        # A MobileCLIP tower's trunk is named from its architecture by open_clip_model_config.
+        is_mobileclip = open_clip_mobileclip.is_mobileclip_tower(image)
+        if not is_mobileclip and not open_clip.is_open_clip_vit(image):
             trunk_name = open_clip.registered_timm_trunk(image, self.image_size)
             if trunk_name is None:
                 trunk_dir = Path(directory) / "timm_trunk"

@@ -4,12 +4,15 @@ Two commands, each reading ``inputs.npz`` (``images`` NHWC float32, ``tokens`` i
 directory and writing ``torch_outputs.npz`` (normalised ``image_embeds``, ``text_embeds``,
 ``logit_scale`` (the log), ``logit_bias`` if any) and ``report.json`` next to it:
 
-``load-export CASE_DIR [NAME]``
+``load-export CASE_DIR [NAME] [--registered MODEL]``
     Builds the model the way a user would, ``open_clip.create_model("local-dir:CASE_DIR/export")``
     (which loads the weights with strict=True), then loads the exported safetensors again with a
     plain ``model.load_state_dict(..., strict=True)``, and reports the model's own key set, shapes
     and parameter count for the test to compare. With ``NAME``, also checks the registry path
-    ``add_model_config(NAME.json)`` + ``create_model(NAME, pretrained=weights)``.
+    ``add_model_config(NAME.json)`` + ``create_model(NAME, pretrained=weights)``. With
+    ``--registered MODEL`` (e.g. ``MobileCLIP-S1``), also loads the weights with strict=True into
+    open_clip's own ``create_model(MODEL, pretrained=None)`` and writes its outputs as well, each
+    name prefixed ``registered_``; the report gets that model's config and class.
 
 ``make-reference CASE_DIR MODEL``
     Creates an open_clip model from a built-in name (e.g. ``ViT-B-16``) or a config JSON path
@@ -60,9 +63,10 @@ def _embed(model: torch.nn.Module, case_dir: Path) -> dict[str, np.ndarray]:
         if getattr(model, "logit_bias", None) is not None:
             outputs["logit_bias"] = model.logit_bias.detach().numpy()
         trunk = getattr(model.visual, "trunk", None)
-        if trunk is not None:
-            # A timm tower's projection (its classifier head, or open_clip's visual.head) is a
+        if hasattr(trunk, "num_prefix_tokens"):
+            # A timm ViT tower's projection (its classifier head, or open_clip's visual.head) is a
             # per-token Linear: applied to every final-normed token, it gives UTA's targets.
+            # (Convolutional trunks, e.g. MobileCLIP's FastViT, have no tokens to project.)
             tokens = trunk.forward_features(images)
             outputs["projected_tokens"] = model.visual.head(trunk.head(tokens)).numpy()
     return outputs
@@ -73,7 +77,7 @@ def _write_results(case_dir: Path, outputs: dict[str, np.ndarray], report: dict)
     (case_dir / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def load_export(case_dir: Path, name: str | None) -> None:
+def load_export(case_dir: Path, name: str | None, registered: str | None = None) -> None:
     export_dir = case_dir / "export"
     model = open_clip.create_model(f"local-dir:{export_dir}")
     exported = load_file(str(export_dir / "open_clip_model.safetensors"))
@@ -96,7 +100,20 @@ def load_export(case_dir: Path, name: str | None) -> None:
         report["named_model_matches"] = all(
             torch.equal(value, named.state_dict()[key]) for key, value in model.state_dict().items()
         )
-    _write_results(case_dir, _embed(model, case_dir), report)
+    outputs = _embed(model, case_dir)
+    if registered is not None:
+        # open_clip's own model of that name, randomly initialised, then the export on top.
+        reference = open_clip.create_model(registered, pretrained=None)
+        reference.load_state_dict(exported, strict=True)
+        report["registered"] = {
+            "name": registered,
+            "model_class": type(reference).__name__,
+            "model_cfg": open_clip.get_model_config(registered),
+        }
+        outputs.update(
+            {f"registered_{key}": value for key, value in _embed(reference, case_dir).items()}
+        )
+    _write_results(case_dir, outputs, report)
 
 
 def _perturb_(model: torch.nn.Module, seed: int) -> None:
@@ -207,7 +224,12 @@ def describe_trunks(out_path: Path, names: list[str]) -> None:
 def main(argv: list[str]) -> None:
     command, case_dir, *rest = argv
     if command == "load-export":
-        load_export(Path(case_dir), rest[0] if rest else None)
+        registered = None
+        if "--registered" in rest:
+            flag = rest.index("--registered")
+            registered = rest[flag + 1]
+            del rest[flag : flag + 2]
+        load_export(Path(case_dir), rest[0] if rest else None, registered)
     elif command == "make-reference":
         make_reference(Path(case_dir), rest[0])
     elif command == "describe":
