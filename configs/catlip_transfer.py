@@ -20,7 +20,13 @@ import math
 
 from ml_collections import ConfigDict
 
-from configs.common import checkpoint_config, parse_arg, placeholder
+from configs.common import (
+    checkpoint_config,
+    imagenet_eval_set,
+    parse_arg,
+    placeholder,
+    scenes_eval_set,
+)
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Table 7: (a) linear probing, (b) full fine-tuning on ImageNet-1k (one A100).
@@ -118,13 +124,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "batch_size": 1024,
             "worker_count": 8,
             "sets": {
-                "imagenet": {
-                    "source": "tfds",
-                    "tfds_name": "imagenet2012",
-                    "split": "validation",
-                    "classnames": "imagenet",
-                    "max_examples": 0,
-                },
+                "imagenet": imagenet_eval_set(),
             },
         }
     )
@@ -160,16 +160,6 @@ def apply_runlocal(config: ConfigDict) -> None:
     )
     config.data.worker_count = 0
     config.eval.update({"every_steps": 50, "batch_size": 200, "worker_count": 0})
-    config.eval.sets = ConfigDict(
-        {
-            "scenes": {
-                "source": "synthetic_scenes",
-                "scenes_config": "base",
-                "split": "test",
-                "classnames": "synthetic_scenes",
-                "max_examples": 1_000,
-            }
-        }
-    )
+    config.eval.sets = ConfigDict({"scenes": scenes_eval_set()})
     config.checkpoint.update({"every_steps": 100, "keep": 1, "best_metric": "scenes/top1"})
     config.log_every_steps = 25

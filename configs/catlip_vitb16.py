@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from configs.common import checkpoint_config, parse_arg, placeholder
+from configs.common import (
+    checkpoint_config,
+    imagenet_eval_set,
+    parse_arg,
+    placeholder,
+    scenes_eval_set,
+)
 
 # Table 6 (b): max / min learning rate, batch per GPU and number of A100 GPUs.
 TABLE6 = {
@@ -124,13 +130,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # Transfer-Init classification (no training on the target): ImageNet's wnids match
             # the vocabulary's synsets exactly where present.
             "sets": {
-                "imagenet": {
-                    "source": "tfds",
-                    "tfds_name": "imagenet2012",
-                    "split": "validation",
-                    "classnames": "imagenet",
-                    "max_examples": 0,
-                },
+                "imagenet": imagenet_eval_set(),
             },
         }
     )
@@ -174,17 +174,7 @@ def apply_runlocal(config: ConfigDict) -> None:
     )
     config.data.worker_count = 0
     config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
-    config.eval.sets = ConfigDict(
-        {
-            "scenes": {
-                "source": "synthetic_scenes",
-                "scenes_config": "base",
-                "split": "test",
-                "classnames": "synthetic_scenes",
-                "max_examples": 1_000,
-            }
-        }
-    )
+    config.eval.sets = ConfigDict({"scenes": scenes_eval_set()})
     config.checkpoint.update(
         {"every_steps": 250, "keep": 2, "best_metric": "scenes/transfer_init_top1"}
     )

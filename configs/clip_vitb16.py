@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from configs.common import checkpoint_config, parse_arg, placeholder
+from configs.common import (
+    checkpoint_config,
+    imagenet_eval_set,
+    parse_arg,
+    placeholder,
+    scenes_eval_set,
+)
 
 # open_clip's text towers and embedding sizes that go with each image tower.
 TEXT_TOWERS = {
@@ -121,15 +127,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # Sets that are not available (e.g. ImageNet not prepared for TFDS) are skipped with
             # a warning at start-up. ImageNet-1k zero-shot uses the 80 OpenAI templates.
             "sets": {
-                "imagenet": {
-                    "source": "tfds",
-                    "tfds_name": "imagenet2012",
-                    "split": "validation",
-                    "classnames": "imagenet",
-                    "templates": "openai_imagenet",
-                    "captions": 0,
-                    "max_examples": 0,
-                },
+                "imagenet": imagenet_eval_set(templates="openai_imagenet", captions=0),
             },
         }
     )
@@ -168,17 +166,7 @@ def apply_runlocal(config: ConfigDict) -> None:
     config.data.worker_count = 0
     config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
     config.eval.sets = ConfigDict(
-        {
-            "scenes": {
-                "source": "synthetic_scenes",
-                "scenes_config": "base",
-                "split": "test",
-                "classnames": "synthetic_scenes",
-                "templates": "synthetic_scenes",
-                "captions": 5,
-                "max_examples": 1_000,
-            }
-        }
+        {"scenes": scenes_eval_set(templates="synthetic_scenes", captions=5)}
     )
     config.checkpoint.best_metric = "scenes/zeroshot_top1"
     config.checkpoint.update({"every_steps": 250, "keep": 2})

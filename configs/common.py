@@ -47,3 +47,27 @@ def checkpoint_config(every_steps: int, keep: int = 3, best_metric: str = "") ->
 def placeholder(kind: type) -> Any:
     """A typed empty field that a command-line override can fill (``--config.x=...``)."""
     return config_dict.placeholder(kind)
+
+
+def imagenet_eval_set(**fields: Any) -> dict[str, Any]:
+    """ImageNet-1k validation from TFDS (``imagenet2012``, prepared by the user) as an eval set."""
+    return {
+        "source": "tfds",
+        "tfds_name": "imagenet2012",
+        "split": "validation",
+        "classnames": "imagenet",
+        "max_examples": 0,
+        **fields,
+    }
+
+
+def scenes_eval_set(**fields: Any) -> dict[str, Any]:
+    """The embedded scenes' held-out split (first 1,000 images, 48 classes) as an eval set."""
+    return {
+        "source": "synthetic_scenes",
+        "scenes_config": "base",
+        "split": "test",
+        "classnames": "synthetic_scenes",
+        "max_examples": 1_000,
+        **fields,
+    }

@@ -15,7 +15,13 @@ import math
 
 from ml_collections import ConfigDict
 
-from configs.common import checkpoint_config, parse_arg, placeholder
+from configs.common import (
+    checkpoint_config,
+    imagenet_eval_set,
+    parse_arg,
+    placeholder,
+    scenes_eval_set,
+)
 
 # ImageNet-21K (fall 2011 release, all 21,841 classes) has 14,197,122 images.
 IMAGENET21K_IMAGES = 14_197_122
@@ -114,15 +120,7 @@ def uta_config(size: str, arg: str | None) -> ConfigDict:
             "worker_count": 8,
             # Zero-shot: the student's class token against the teacher's text tower.
             "sets": {
-                "imagenet": {
-                    "source": "tfds",
-                    "tfds_name": "imagenet2012",
-                    "split": "validation",
-                    "classnames": "imagenet",
-                    "templates": "openai_imagenet",
-                    "captions": 0,
-                    "max_examples": 0,
-                },
+                "imagenet": imagenet_eval_set(templates="openai_imagenet", captions=0),
             },
         }
     )
@@ -162,17 +160,7 @@ def apply_runlocal(config: ConfigDict) -> None:
     config.data.worker_count = 0
     config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
     config.eval.sets = ConfigDict(
-        {
-            "scenes": {
-                "source": "synthetic_scenes",
-                "scenes_config": "base",
-                "split": "test",
-                "classnames": "synthetic_scenes",
-                "templates": "synthetic_scenes",
-                "captions": 5,
-                "max_examples": 1_000,
-            }
-        }
+        {"scenes": scenes_eval_set(templates="synthetic_scenes", captions=5)}
     )
     config.checkpoint.update({"every_steps": 250, "keep": 2, "best_metric": "scenes/zeroshot_top1"})
     config.log_every_steps = 50
