@@ -7,17 +7,8 @@ Arguments: runlocal (a shallow MCi2 on the embedded scenes, CPU), loss=sigmoid|s
 
 from ml_collections import ConfigDict
 
-from configs.clip_towers import tower_config
+from configs.clip_towers import mobileclip_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    tower = {"module": "models.mobileclip.MobileClipImageTower", "variant": "mci2", "bn_groups": 1}
-    return tower_config(
-        arg,
-        image=tower,
-        # One block per stage at half width: the full MCi trains ~20x slower on a CPU.
-        runlocal_image={**tower, "depths": (1, 1, 1, 1), "widths": (32, 64, 128, 256)},
-        embed_dim=512,
-        image_size=256,
-        causal_text=False,
-    )
+    return mobileclip_config("mci2", arg)

@@ -37,3 +37,18 @@ def tower_config(
     config.model.embed_dim = embed_dim
     config.data.image_size = image_size
     return config
+
+
+def mobileclip_config(variant: str, arg: str | None) -> ConfigDict:
+    """CLIP with the MobileCLIP tower ``variant`` ("mci0" | "mci1" | "mci2") at 256 px, with
+    MobileCLIP's text tower without causal mask; embedding 512."""
+    tower = {"module": "models.mobileclip.MobileClipImageTower", "variant": variant, "bn_groups": 1}
+    return tower_config(
+        arg,
+        image=tower,
+        # One block per stage at half width: the full MCi trains ~20x slower on a CPU.
+        runlocal_image={**tower, "depths": (1, 1, 1, 1), "widths": (32, 64, 128, 256)},
+        embed_dim=512,
+        image_size=256,
+        causal_text=False,
+    )
