@@ -1,6 +1,7 @@
 """The README's main jobs, as a user runs them: the :runlocal CLIP learns the embedded data set,
 then UTA aligns a student to it as the teacher, then the contrastive fine-tuning of that student;
-CatLIP learns the captions' synsets and its classifier gives the linear probe a head start.
+the reinforced run distils it (stored embeddings) with synthetic captions; CatLIP learns the
+captions' synsets and its classifier gives the linear probe a head start.
 
 Slow (about 15 minutes on 2 cores): run with `pytest -m slow` (CI's nightly-style stage).
 """
@@ -106,3 +107,19 @@ def test_catlip_linear_probe_with_transfer_init_beats_random_init(tmp_path, catl
     }
     for step in (0, 50, 100):  # equal probe steps, on 1,000 labelled images
         assert probes["transfer"][step] > probes["random"][step], probes
+
+
+@pytest.mark.slow
+def test_reinforced_runlocal_trains_with_synthetic_captions_and_distillation(tmp_path, clip_run):
+    reinforced_dir = tmp_path / "reinforced_scenes"
+    values = run_main(
+        "configs/clip_reinforced.py:runlocal",
+        tmp_path / "run",
+        f"--config.reinforce.teachers.clip_runlocal.workdir={clip_run[0]}",
+        f"--config.reinforce.output_dir={reinforced_dir}",
+        f"--config.data.train.shards={reinforced_dir}/reinforced-*.tar",
+    )
+    assert values["eval/scenes/zeroshot_top1"][1000] > 10 * CHANCE
+    distill = values["train/distill_real"]
+    assert distill[1000] < 0.5 * distill[50], distill
+    assert values["train/data/skipped_total"][1000] == 0

@@ -102,6 +102,8 @@ def _synthetic_shard_index(count: int, first: int) -> dict[str, np.ndarray]:
     for number, slot in enumerate(("image", "text", "metadata")):
         index[f"{slot}_offset"] = positions + 512 + 1024 * number
         index[f"{slot}_size"] = np.full(count, 100 + number, np.int64)
+    for slot in ("synthetic", "teacher", "augmentation"):  # no DataCompDR members
+        index[f"{slot}_offset"] = index[f"{slot}_size"] = np.full(count, -1, np.int64)
     index["text_offset"][::7] = -1  # some samples lack a caption file
     index["damage"], index["corrupt"] = np.array(""), np.array(False)
     return index
@@ -132,11 +134,11 @@ def test_index_is_memory_mapped_and_pickles_as_paths(synthetic_shards):
     assert len(source) == count
     names = sorted(os.listdir(source.index_dir))
     arrays = [name for name in names if name.endswith(".npy")]
-    assert len(arrays) == 9 and "index.json" in names
-    # Disk = 6 int32 offsets/sizes + int64 key offsets (n + 1) + 9 key bytes per sample, plus the
-    # 5 shard starts and nine 128-byte .npy headers: ~41 bytes per sample.
+    assert len(arrays) == 15 and "index.json" in names
+    # Disk = 12 int32 offsets/sizes + int64 key offsets (n + 1) + 9 key bytes per sample, plus
+    # the 5 shard starts and fifteen 128-byte .npy headers: ~65 bytes per sample.
     disk = sum(os.path.getsize(os.path.join(source.index_dir, name)) for name in arrays)
-    assert disk == count * (6 * 4 + 9) + 8 * (count + 1) + 8 * 5 + 9 * 128
+    assert disk == count * (12 * 4 + 9) + 8 * (count + 1) + 8 * 5 + 15 * 128
 
     # The old in-heap index pickled ~60 bytes per sample (6 MB here); now only paths travel.
     pickled = pickle.dumps(source)

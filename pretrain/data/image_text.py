@@ -10,8 +10,9 @@ A source config (``config.data.train`` or an entry of ``config.eval.sets``) name
                              as in ``webdataset.WebDatasetSource``;
   source="tfds"              a prepared TFDS data set ``tfds_name`` (e.g. "coco_captions",
                              "imagenet2012"); ``image_field``, ``caption_field`` (a path such as
-                             "captions/text"), ``label_field`` name its features. A set without
-                             captions (classification) gets its class name as the caption.
+                             "captions/text"), ``label_field``, ``synthetic_caption_field``
+                             name its features. A set without captions (classification) gets
+                             its class name as the caption.
 Fields shared by all: ``split``, ``data_dir`` (TFDS data dir, empty = TFDS default).
 """
 
@@ -29,6 +30,8 @@ from pretrain.data import pipeline
 from pretrain.data.tokenizer import ClipTokenizer
 
 SOURCES = ("synthetic_scenes", "webdataset", "tfds")
+# The record field of captioner-written captions (reinforced training), as the pipeline reads it.
+SYNTHETIC_CAPTIONS = "synthetic_captions"
 
 
 def make_source(source_config: Mapping[str, Any]) -> Any:
@@ -86,6 +89,9 @@ def make_source(source_config: Mapping[str, Any]) -> Any:
             image_field=source_config.get("image_field", "image"),
             caption_field=source_config.get("caption_field", ""),
             label_field=source_config.get("label_field", "label"),
+            synthetic_caption_field=source_config.get(
+                "synthetic_caption_field", SYNTHETIC_CAPTIONS
+            ),
         )
     raise ValueError(f"unknown data source {kind!r}; choose from {SOURCES}")
 
@@ -102,7 +108,8 @@ class TfdsRecords:
     ``caption_field``: a feature path ("captions", "captions/text"...); empty picks "captions" or
     "caption" when the data set has one; "label" (or no caption feature at all) uses the class
     name of the record's label, so classification sets serve zero-shot evaluation and
-    label-as-caption training.
+    label-as-caption training. ``synthetic_caption_field`` (when the data set has it) becomes the
+    records' ``synthetic_captions`` (reinforced training).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class TfdsRecords:
         image_field: str = "image",
         caption_field: str = "",
         label_field: str = "label",
+        synthetic_caption_field: str = SYNTHETIC_CAPTIONS,
     ):
         top_level = set(features.keys())
         for name, path in (("image_field", image_field), ("caption_field", caption_field)):
@@ -124,6 +132,9 @@ class TfdsRecords:
         self._image_field = image_field
         self._caption_field = caption_field
         self._label_field = label_field if label_field in top_level else ""
+        self._synthetic_field = (
+            synthetic_caption_field if synthetic_caption_field.split("/")[0] in top_level else ""
+        )
         self._label_names: list[str] | None = None
         if caption_field == "label":
             if not self._label_field:
@@ -142,6 +153,8 @@ class TfdsRecords:
             out["captions"] = [self._label_names[out["label"]]]
         else:
             out["captions"] = _field(record, self._caption_field)
+        if self._synthetic_field:
+            out[SYNTHETIC_CAPTIONS] = _field(record, self._synthetic_field)
         return out
 
 

@@ -36,6 +36,8 @@ Batch fields (``b = batch_size_per_process``, ``L`` = the tokenizer's context le
                                      pop it before putting the batch on devices)
 ``label``           int32 (b,)       only if the source's records have a ``label``
 (caption fields)    (b, ...)         with ``caption_fields``: its fields of the chosen caption
+``synthetic_text``  int32 (b, L)     with ``reinforcement``: a synthetic caption's tokens
+``teacher_*``       float32 (b, D)   with stored teacher embeddings (see :class:`Reinforcement`)
 ``all_text``        int32 (b, K, L)  evaluation with ``num_eval_captions=K > 0``: the
                                      first K captions' tokens, zero rows where missing
 ``all_text_valid``  bool (b, K)      which rows of ``all_text`` hold a caption
@@ -70,7 +72,13 @@ import numpy as np
 
 from pretrain.data import transforms
 
-SKIP_REASONS = ("missing_image", "corrupt_image", "empty_caption")
+SKIP_REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "empty_caption",
+    "no_synthetic_caption",
+    "bad_reinforcement",
+)
 CAPTION_CHOICES = ("random", "first")
 
 _logger = logging.getLogger(__name__)
@@ -81,6 +89,26 @@ Tokenizer = Callable[[Sequence[str]], np.ndarray]
 CaptionFields = Callable[[str], dict[str, np.ndarray]]
 # Per-example fields made in the data workers from a per-(seed, epoch, record) RNG, e.g. masks.
 ExampleExtras = Callable[[np.random.Generator], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reinforcement:
+    """Which reinforced-training (DataCompDR) fields the training examples carry.
+
+    ``synthetic_captions``: ``synthetic_text``, the tokens of one of the record's synthetic
+    captions (uniform, seeded per record and epoch). ``teacher_embeddings``: ``teacher_image``,
+    ``teacher_text`` (of the chosen real caption) and, with synthetic captions,
+    ``teacher_synthetic_text`` (of the chosen synthetic one), float32 (D,), read from the
+    record's stored ``teacher_image_embeddings`` (A, D) and ``teacher_text_embeddings`` (T, D),
+    whose rows are the record's non-blank real captions, then its non-blank synthetic captions,
+    in order. When the record stores ``augmentation_boxes`` (A, 4), a view ``a`` is drawn and
+    the image is cropped with box ``a`` (not flipped): the student sees the very view whose
+    teacher embedding is row ``a``. Without boxes, view ``a`` is only an embedding and the crop
+    is the pipeline's own.
+    """
+
+    synthetic_captions: bool = True
+    teacher_embeddings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +128,9 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _caption_list(value: Any) -> list[str]:
+def caption_list(value: Any) -> list[str]:
+    """A record's caption field (str, bytes, list or array of them, None) as stripped,
+    non-blank strings in order."""
     if value is None:
         return []
     if isinstance(value, str | bytes | np.bytes_ | np.str_):
@@ -139,7 +169,7 @@ def image_and_captions(
         captions = None
     else:
         raise KeyError(f"Record has no 'captions' or 'caption' field: {sorted(record)}")
-    return image, _caption_list(captions)
+    return image, caption_list(captions)
 
 
 def _is_missing(image: Any) -> bool:
@@ -171,8 +201,10 @@ class ExampleMaker:
         example_extras: ExampleExtras | None = None,
         caption_fields: CaptionFields | None = None,
         horizontal_flip: bool = False,
+        reinforcement: Reinforcement | None = None,
     ):
         self.train = train
+        self.reinforcement = reinforcement if train else None
         self.horizontal_flip = horizontal_flip
         self.caption_fields = caption_fields
         self.example_extras = example_extras
@@ -210,21 +242,39 @@ class ExampleMaker:
             return self._skip(index, "missing_image")
         if needs_caption and not captions:
             return self._skip(index, "empty_caption")
-        try:
-            image = transforms.decode_to_pil(image_data, min_side=self.decode_min_side)
-        except transforms.CorruptImageError as error:
-            return self._skip(index, "corrupt_image", str(error))
+        reinforced: dict[str, Any] = {}
+        stored_view = None
         if self.train:
             rng = self.example_rng(epoch, index)
             # Drawn under both choices, so that the crop does not depend on caption_choice.
             pick = int(rng.integers(len(captions))) if captions else 0
-            caption = captions[pick if self.caption_choice == "random" else 0] if captions else ""
-            pixels = transforms.random_resized_crop(
-                image, self.image_size, rng, self.crop_scale, self.crop_ratio
-            )
-            # Drawn after the crop, so that enabling flips changes no crop.
-            if self.horizontal_flip and rng.random() < 0.5:
-                pixels = np.ascontiguousarray(pixels[:, ::-1])
+            caption_index = pick if self.caption_choice == "random" else 0
+            if self.reinforcement is not None:
+                # Their own stream, so that reinforcement changes no crop or caption draw.
+                extra_rng = np.random.default_rng([self.seed, 3, epoch, index])
+                outcome = self._reinforced_fields(index, record, captions, caption_index, extra_rng)
+                if isinstance(outcome, SkippedRecord):
+                    return outcome
+                reinforced, stored_view = outcome
+        try:
+            # A stored view's box is in the image's own pixels: decode at full size then.
+            min_side = self.decode_min_side if stored_view is None else None
+            image = transforms.decode_to_pil(image_data, min_side=min_side)
+        except transforms.CorruptImageError as error:
+            return self._skip(index, "corrupt_image", str(error))
+        if self.train:
+            caption = captions[caption_index] if captions else ""
+            if stored_view is not None:
+                if not transforms.box_inside(stored_view, image.height, image.width):
+                    return self._skip(index, "bad_reinforcement", f"box {stored_view} outside")
+                pixels = transforms.crop_and_resize(image, stored_view, self.image_size)
+            else:
+                pixels = transforms.random_resized_crop(
+                    image, self.image_size, rng, self.crop_scale, self.crop_ratio
+                )
+                # Drawn after the crop, so that enabling flips changes no crop.
+                if self.horizontal_flip and rng.random() < 0.5:
+                    pixels = np.ascontiguousarray(pixels[:, ::-1])
         else:
             caption = captions[0] if captions else ""
             pixels = transforms.resize_center_crop(image, self.image_size)
@@ -233,6 +283,10 @@ class ExampleMaker:
             example["text"] = _tokens(self.tokenizer, [caption])[0]
         if self.caption_fields is not None:
             example.update(self.caption_fields(caption))
+        if "synthetic_caption" in reinforced:
+            synthetic_caption = reinforced.pop("synthetic_caption")
+            example["synthetic_text"] = _tokens(self.tokenizer, [synthetic_caption])[0]
+        example.update(reinforced)
         if self.example_extras is not None:
             # Their own stream, so that adding them changes no crop or caption draw.
             example.update(self.example_extras(np.random.default_rng([self.seed, 2, epoch, index])))
@@ -246,6 +300,55 @@ class ExampleMaker:
             example["all_text"] = all_text
             example["all_text_valid"] = np.arange(self.num_eval_captions) < len(kept)
         return example
+
+    def _reinforced_fields(
+        self,
+        index: int,
+        record: Mapping[str, Any],
+        captions: list[str],
+        caption_index: int,
+        rng: np.random.Generator,
+    ) -> tuple[dict[str, Any], tuple[int, ...] | None] | SkippedRecord:
+        """``(fields, stored view box or None)`` of :class:`Reinforcement`, or a skip; the
+        chosen synthetic caption is ``fields["synthetic_caption"]`` (tokenised by the caller)."""
+        if "malformed_reinforcement" in record:
+            return self._skip(index, "bad_reinforcement", record["malformed_reinforcement"])
+        fields: dict[str, Any] = {}
+        synthetic: list[str] = []
+        if self.reinforcement.synthetic_captions:
+            synthetic = caption_list(record.get("synthetic_captions"))
+            if not synthetic:
+                return self._skip(index, "no_synthetic_caption")
+            synthetic_index = int(rng.integers(len(synthetic)))
+            fields["synthetic_caption"] = synthetic[synthetic_index]
+        if not self.reinforcement.teacher_embeddings:
+            return fields, None
+        if "teacher_image_embeddings" not in record:
+            return self._skip(index, "bad_reinforcement", "no stored teacher embeddings")
+        images = np.asarray(record["teacher_image_embeddings"], np.float32)
+        texts = np.asarray(record["teacher_text_embeddings"], np.float32)
+        all_synthetic = caption_list(record.get("synthetic_captions"))
+        if texts.shape[0] != len(captions) + len(all_synthetic) or images.ndim != 2:
+            return self._skip(
+                index,
+                "bad_reinforcement",
+                f"{texts.shape[0]} teacher text embeddings for {len(captions)} real and "
+                f"{len(all_synthetic)} synthetic captions",
+            )
+        view = int(rng.integers(images.shape[0]))
+        fields["teacher_image"] = images[view]
+        fields["teacher_text"] = texts[caption_index]
+        if self.reinforcement.synthetic_captions:
+            fields["teacher_synthetic_text"] = texts[len(captions) + synthetic_index]
+        boxes = record.get("augmentation_boxes")
+        if boxes is None:
+            return fields, None
+        boxes = np.asarray(boxes)
+        if boxes.shape != (images.shape[0], 4):
+            return self._skip(
+                index, "bad_reinforcement", f"{boxes.shape} boxes for {images.shape[0]} views"
+            )
+        return fields, tuple(int(v) for v in boxes[view])
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -457,6 +560,7 @@ def image_text_dataset(
     example_extras: ExampleExtras | None = None,
     caption_fields: CaptionFields | None = None,
     horizontal_flip: bool = False,
+    reinforcement: Reinforcement | None = None,
 ) -> grain.IterDataset:
     """The per-process image-text batch stream; see the module docstring for order and fields.
 
@@ -485,6 +589,9 @@ def image_text_dataset(
         CatLIP's multi-hot labels); with it, records without a caption are skipped as with a
         tokenizer.
       horizontal_flip: training only: mirror half of the crops (seeded per record and epoch).
+      reinforcement: training only: the reinforced-training fields to add (synthetic caption
+        tokens, stored teacher embeddings; see :class:`Reinforcement`); records without them are
+        skipped and counted (``no_synthetic_caption``, ``bad_reinforcement``).
     """
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
@@ -524,6 +631,7 @@ def image_text_dataset(
         example_extras=example_extras,
         caption_fields=caption_fields,
         horizontal_flip=horizontal_flip,
+        reinforcement=reinforcement,
     )
     examples = records.map(make_example).to_iter_dataset(read_options or grain.ReadOptions())
     batches = SkipCountingBatchIterDataset(

@@ -48,6 +48,7 @@ __all__ = [
     "SEGMENTATION_CLASS_NAMES",
     "SHAPES",
     "SHAPE_NOUNS",
+    "SYNTHETIC_CAPTIONS_PER_IMAGE",
     "ZERO_SHOT_TEMPLATES",
     "Scene",
     "SceneObject",
@@ -56,6 +57,7 @@ __all__ = [
     "make_example",
     "render_scene",
     "sample_scene",
+    "synthetic_captions_for",
 ]
 
 SHAPES: tuple[str, ...] = PRIMITIVE_SHAPES
@@ -386,6 +388,60 @@ def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Synthetic captions (what an image captioner such as CoCa would write, as in DataCompDR)
+
+SYNTHETIC_CAPTIONS_PER_IMAGE = 5  # DataCompDR stores five per image
+# Drawn from their own random stream, so adding them changed no image or real caption.
+_SYNTHETIC_STREAM = 17
+
+# Captioner style: lower case, no final full stop, "a ... of ..." phrasing, descriptive words
+# (material, lighting, viewpoint) that the real captions rarely use.
+_SYNTHETIC_SOLO = (
+    "{an_thing} sitting on top of a {ground}",
+    "a close up of {an_thing} on a {ground}",
+    "a 3d image of {an_thing} {where}",
+    "an image of {an_thing} with a shadow on the {ground_noun}",
+    "a shiny {thing} in a room",
+    "{a_colour} colored {noun} on a {ground_colour} background",
+    "a computer rendering of {an_thing}",
+    "{an_thing} is shown {where} of the picture",
+    "there is {an_thing} that is on the {ground_noun}",
+    "{an_thing} that is lit from the {light_side}",
+)
+_SYNTHETIC_CROWD = (
+    "{an_thing} and {others} on a {ground}",
+    "a group of objects with {an_thing} in the middle",
+    "{an_thing} next to {others}",
+    "{count} objects on a {ground_noun}, the largest is {an_thing}",
+)
+
+
+def synthetic_captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """:data:`SYNTHETIC_CAPTIONS_PER_IMAGE` captioner-style captions of the scene.
+
+    Like the real captions they are true of the scene (colour and a noun for the primary
+    object's shape), but worded as an image captioner words them; DataCompDR pairs each web
+    image with such captions (paper 000: "quality captions").
+    """
+    templates = list(_SYNTHETIC_SOLO)
+    if len(scene.objects) > 1:
+        templates += _SYNTHETIC_CROWD
+    chosen = rng.choice(len(templates), size=SYNTHETIC_CAPTIONS_PER_IMAGE, replace=False)
+    captions = []
+    for i in chosen:
+        context = _caption_context(scene, rng)
+        ground_colour, _, ground_noun = context["ground"].rpartition(" ")
+        context.update(
+            an_thing=_with_article(context["thing"]),
+            ground_noun=ground_noun,
+            ground_colour=ground_colour,
+            where=context["where"].replace("at the ", "in the ").replace("near the ", "in the "),
+        )
+        captions.append(templates[i].format(**context))
+    return captions
+
+
+# --------------------------------------------------------------------------------------------
 # Examples
 
 
@@ -394,7 +450,8 @@ def make_example(
 ) -> dict[str, Any]:
     """One example: a scene from the seed, its rendering, captions and labels.
 
-    Returns ``image`` (S, S, 3) uint8, ``captions`` (list of str), ``label`` (int, index into
+    Returns ``image`` (S, S, 3) uint8, ``captions`` (list of str), ``synthetic_captions``
+    (list of str, captioner-style), ``label`` (int, index into
     :data:`CLASS_NAMES`), ``primary`` (dict: ``shape`` and ``colour`` indices, ``area`` — the
     fraction of pixels it covers — and ``centre`` — its (row, column) in [0, 1]), ``num_objects``
     and ``seed`` (-1 when a generator was given). With ``dense`` also ``segmentation``,
@@ -419,6 +476,10 @@ def make_example(
         "seed": seed,
         "image": rendered["image"],
         "captions": captions_for(scene, rng),
+        # Their own stream (a seed's), so that adding them changed no real caption.
+        "synthetic_captions": synthetic_captions_for(
+            scene, np.random.default_rng([seed, _SYNTHETIC_STREAM]) if seed >= 0 else rng
+        ),
         "label": class_index(primary.colour, primary.shape),
         "primary": {
             "shape": SHAPES.index(primary.shape),

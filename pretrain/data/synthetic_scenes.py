@@ -14,9 +14,9 @@ Configs (sizes chosen so that preparing ``base`` takes well under two minutes on
 
 Files are ARRAY_RECORD, read back with random access by :func:`data_source` (no TensorFlow
 needed: TFDS decodes with NumPy and PIL). An element is a dict: ``image`` (S, S, 3) uint8 array,
-``captions`` a Python list of ``bytes`` (UTF-8: decode them), ``label``, ``seed`` and
-``num_objects`` Python ints, ``primary`` a dict (``shape`` and ``colour`` ints, ``area`` a float,
-``centre`` a (2,) float32 array of (row, column) in [0, 1]), and in dense configs
+``captions`` and ``synthetic_captions`` Python lists of ``bytes`` (UTF-8: decode them), ``label``,
+``seed`` and ``num_objects`` Python ints, ``primary`` a dict (``shape`` and ``colour`` ints,
+``area`` a float, ``centre`` a (2,) float32 array of (row, column) in [0, 1]), and in dense configs
 ``segmentation`` (S, S) uint8, ``depth`` (S, S) float32 and ``normals`` (S, S, 3) float32 arrays.
 
 The data are a pure function of the code: bump ``VERSION`` whenever a change to
@@ -83,6 +83,7 @@ def _example_features(example: dict[str, Any], dense: bool) -> dict[str, Any]:
         "seed": example["seed"],
         "image": _png_bytes(example["image"]),
         "captions": example["captions"],
+        "synthetic_captions": example["synthetic_captions"],
         "label": example["label"],
         "num_objects": example["num_objects"],
         "primary": example["primary"],
@@ -145,8 +146,11 @@ def generate_examples(
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     """Procedural 3-D primitive scenes with captions; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release.",
+        "1.1.0": "Synthetic (captioner-style) captions; images and real captions unchanged.",
+    }
     BUILDER_CONFIGS: ClassVar[list[SyntheticScenesConfig]] = [
         SyntheticScenesConfig(
             name="base",
@@ -189,6 +193,9 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
             "seed": tfds.features.Scalar(np.int64, doc="make_example seed of this example"),
             "image": tfds.features.Image(shape=(size, size, 3), dtype=np.uint8),
             "captions": tfds.features.Sequence(tfds.features.Text()),
+            "synthetic_captions": tfds.features.Sequence(
+                tfds.features.Text(), doc="captioner-style captions (DataCompDR's synthetic ones)"
+            ),
             "label": tfds.features.ClassLabel(names=scenes.CLASS_NAMES),
             "num_objects": tfds.features.Scalar(np.int64),
             "primary": tfds.features.FeaturesDict(

@@ -179,6 +179,19 @@ def crop_and_resize(
     return np.asarray(cropped.resize((out_width, out_height), _BICUBIC))
 
 
+def box_inside(box: Sequence[int], height: int, width: int) -> bool:
+    """Whether ``(top, left, crop_height, crop_width)`` is a non-empty crop inside the image."""
+    top, left, crop_height, crop_width = box
+    return (
+        top >= 0
+        and left >= 0
+        and crop_height > 0
+        and crop_width > 0
+        and top + crop_height <= height
+        and left + crop_width <= width
+    )
+
+
 def crop_min_side(
     size: int | Sequence[int],
     scale: tuple[float, float] = (0.9, 1.0),

@@ -20,14 +20,22 @@ multi-caption sets):
   Captions from ``txt`` come first, then those from the JSON fields in order; exact duplicates are
   dropped (img2dataset writes the same caption to ``txt`` and to the JSON ``caption`` field).
   Malformed JSON gives ``metadata={}``.
+* DataCompDR's reinforcements (MobileCLIP): ``syn.json`` (``{"syn_text": [captions]}``) gives
+  ``synthetic_captions``; ``npz`` (``image_emb`` (A, D), ``text_emb`` (T, D): the teacher
+  ensemble's embeddings of A augmented views and of the real then the synthetic captions) gives
+  ``teacher_image_embeddings`` / ``teacher_text_embeddings``; ``paug.json`` (``{"param_aug":
+  [[[top, left, height, width], ops], ...]}``, a list or its JSON text) gives
+  ``augmentation_boxes`` (A, 4), the crop of each stored view (other augmentation ops are not
+  replayed). A sample without such a member simply lacks the field; a malformed one gets
+  ``malformed_reinforcement`` (a message) instead (reinforced training skips and counts it).
 
 Records are returned raw: ``dict(key=str, image_bytes=bytes | None, captions=list[str],
 metadata=dict)``. Decoding and augmentation happen in the pipeline (:mod:`pretrain.data.pipeline`).
 
 Scale: each process (host) scans the shards once at start-up (or reuses cached indexes) and
-writes one combined index of memory-mapped ``.npy`` files, ~41 bytes per sample for DataComp-style
-9-character keys and shards under 2 GiB (8 + key length + 24 bytes; 24 more if any shard is not):
-12.8M samples ~0.5 GB, 1B samples ~41 GB of disk. The index is not held on the Python heap: its
+writes one combined index of memory-mapped ``.npy`` files, ~65 bytes per sample for DataComp-style
+9-character keys and shards under 2 GiB (8 + key length + 48 bytes; 48 more if any shard is not):
+12.8M samples ~0.8 GB, 1B samples ~65 GB of disk. The index is not held on the Python heap: its
 pages live once in the OS page cache, shared by the process and its grain workers, and a pickled
 source (what each worker receives) holds only the shard paths and the index directory. Start-up
 memory is bounded by a few in-flight per-shard indexes, not by the data set's size. Random access
@@ -67,13 +75,20 @@ import numpy as np
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSION = "txt"
 METADATA_EXTENSION = "json"
+SYNTHETIC_EXTENSION = "syn.json"
+TEACHER_EXTENSION = "npz"
+AUGMENTATION_EXTENSION = "paug.json"
 DEFAULT_JSON_CAPTION_FIELDS = ("captions", "caption")
 
 _BLOCK = 512
-_INDEX_FORMAT_VERSION = 2  # 2: per-shard indexes record damage
+_INDEX_FORMAT_VERSION = 3  # 2: per-shard indexes record damage; 3: DataCompDR members
 _MISSING = -1
 
 _logger = logging.getLogger(__name__)
+
+
+class MalformedReinforcementError(ValueError):
+    """A sample's ``syn.json`` / ``npz`` / ``paug.json`` member cannot be parsed."""
 
 
 class CorruptShardError(ValueError):
@@ -255,7 +270,13 @@ def split_key(member_name: str) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- per-shard index
 
-_SLOTS = ("image", "text", "metadata")
+_SLOTS = ("image", "text", "metadata", "synthetic", "teacher", "augmentation")
+# DataCompDR's reinforcement members: synthetic captions, teacher embeddings, augmentations.
+_REINFORCEMENT_SLOTS = {
+    SYNTHETIC_EXTENSION: "synthetic",
+    TEACHER_EXTENSION: "teacher",
+    AUGMENTATION_EXTENSION: "augmentation",
+}
 
 
 def _slot_of(extension: str) -> str | None:
@@ -265,7 +286,7 @@ def _slot_of(extension: str) -> str | None:
         return "text"
     if extension == METADATA_EXTENSION:
         return "metadata"
-    return None
+    return _REINFORCEMENT_SLOTS.get(extension)
 
 
 def index_shard(path: str) -> dict[str, np.ndarray]:
@@ -355,8 +376,8 @@ def load_or_build_shard_index(
 # (``np.load(mmap_mode="r")``): the pages sit once in the OS page cache, shared by the host's
 # process and its grain workers, and pickling a source sends only the directory's path.
 # Per sample: ``key_offsets`` (int64, n + 1 entries) and ``key_bytes`` (the UTF-8 keys end to
-# end), six ``<slot>_offset/_size`` arrays (int32 when every shard is under 2 GiB, else int64)
-# and, per shard, ``shard_starts`` (int64, shards + 1 entries): ~41 bytes for DataComp's
+# end), twelve ``<slot>_offset/_size`` arrays (int32 when every shard is under 2 GiB, else int64)
+# and, per shard, ``shard_starts`` (int64, shards + 1 entries): ~65 bytes for DataComp's
 # 9-character keys. ``index.json``, written last, lists the shards' fingerprints and damage.
 
 _META_FILE = "index.json"
@@ -638,6 +659,52 @@ def parse_captions(
     return list(dict.fromkeys(caption for caption in stripped if caption))
 
 
+def parse_synthetic_captions(payload: bytes) -> list[str]:
+    """``syn.json`` -> its captions (``{"syn_text": [...]}``, or a bare list)."""
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MalformedReinforcementError(f"syn.json is not JSON: {error}") from error
+    captions = value.get("syn_text") if isinstance(value, dict) else value
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise MalformedReinforcementError("syn.json needs a list of strings under 'syn_text'")
+    return captions
+
+
+# NumPy parses .npy headers with ast.literal_eval, which CPython 3.11 does not make safe to run
+# in several threads at once ("AST constructor recursion depth mismatch" seen with grain's reader
+# threads): one header at a time.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def parse_teacher_embeddings(payload: bytes) -> dict[str, np.ndarray]:
+    """``npz`` -> ``teacher_image_embeddings`` (A, D) and ``teacher_text_embeddings`` (T, D)."""
+    try:
+        with _NPY_HEADER_LOCK, np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+            image, text = np.asarray(arrays["image_emb"]), np.asarray(arrays["text_emb"])
+    except (ValueError, KeyError, OSError, EOFError) as error:
+        raise MalformedReinforcementError(f"npz member unreadable: {error!r}") from error
+    image, text = np.atleast_2d(image), np.atleast_2d(text)
+    if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
+        raise MalformedReinforcementError(
+            f"npz image_emb {image.shape} and text_emb {text.shape} must be (n, D) with one D"
+        )
+    return {"teacher_image_embeddings": image, "teacher_text_embeddings": text}
+
+
+def parse_augmentation_boxes(payload: bytes) -> np.ndarray:
+    """``paug.json`` -> (A, 4) int64 crop boxes (top, left, height, width), one per stored view."""
+    try:
+        value = json.loads(payload)
+        views = value["param_aug"] if isinstance(value, dict) else value
+        if isinstance(views, str):  # DataCompDR stores the list as JSON text
+            views = json.loads(views)
+        boxes = np.array([view[0] for view in views], dtype=np.int64).reshape(len(views), 4)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
+        raise MalformedReinforcementError(f"paug.json unreadable: {error!r}") from error
+    return boxes
+
+
 def _parse_metadata(payload: bytes | None) -> dict[str, Any]:
     if payload is None:
         return {}
@@ -670,7 +737,7 @@ class WebDatasetSource:
     error). A cached index is reused only while the shards' sizes and modification times are
     unchanged. Records are dicts ``key`` (str), ``image_bytes`` (bytes or None), ``captions``
     (list[str], stripped, blank ones dropped), ``metadata`` (dict from ``.json``, ``{}`` if
-    absent/invalid).
+    absent/invalid), and the reinforcement fields of the module docstring when present.
 
     Attributes:
       shards: the resolved shard paths.
@@ -802,12 +869,28 @@ class WebDatasetSource:
             txt_captions=self.txt_captions,
             json_caption_fields=self.json_caption_fields,
         )
-        return {
+        record = {
             "key": self.key(index),
             "image_bytes": self._payload("image", index, shard),
             "captions": captions,
             "metadata": metadata,
         }
+        try:
+            record.update(self._reinforcements(index, shard))
+        except MalformedReinforcementError as error:
+            # Not fatal here: only reinforced training needs these; it skips and counts them.
+            record["malformed_reinforcement"] = f"{record['key']}: {error}"
+        return record
+
+    def _reinforcements(self, index: int, shard: int) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if (payload := self._payload("synthetic", index, shard)) is not None:
+            fields["synthetic_captions"] = parse_synthetic_captions(payload)
+        if (payload := self._payload("teacher", index, shard)) is not None:
+            fields.update(parse_teacher_embeddings(payload))
+        if (payload := self._payload("augmentation", index, shard)) is not None:
+            fields["augmentation_boxes"] = parse_augmentation_boxes(payload)
+        return fields
 
     def __getstate__(self) -> dict[str, Any]:
         # Only paths travel into grain worker processes: they memory-map the same index files

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -34,6 +36,7 @@ from pretrain.export import open_clip, open_clip_mobileclip, timm_eva
 from pretrain.tasks import base
 from pretrain.tasks.clip_teacher import build_teacher, run_params
 from pretrain.tasks.range_augment import RangeAugmentStage
+from pretrain.tasks.reinforced import ReinforcedStage
 
 # Flax's collection of BatchNorm running statistics (the train state's "model_state").
 BATCH_STATS = "batch_stats"
@@ -97,6 +100,25 @@ def check_same_tower(source: Any, target: Any, name: str) -> None:
         )
 
 
+def prepare_reinforced_data(config: ConfigDict) -> None:
+    """Make the reinforced shards first when the recipe says so (``reinforce.build_if_missing``,
+    the :runlocal recipes) and they are not complete yet; process 0 makes them (resuming)."""
+    settings = config.get("reinforce")
+    if not settings or not settings.get("build_if_missing"):
+        return
+    from pretrain import reinforce  # the teacher models are needed only here
+
+    if reinforce.is_complete(settings.output_dir):
+        # Made earlier: by this very job (same data, teachers, views), else it is an error.
+        reinforce.check_same_job(Path(settings.output_dir), reinforce.job_description(settings))
+        return
+    if jax.process_index() == 0:
+        logging.info("making the reinforced shards in %s", settings.output_dir)
+        reinforce.reinforce(config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("reinforced shards made")
+
+
 class Task(base.Task):
     batch_fields = ("image", "text")
 
@@ -109,6 +131,10 @@ class Task(base.Task):
         self.image_size = int(config.data.image_size)
         self.context_length = int(config.model.text.context_length)
         self.range_augment = RangeAugmentStage.from_config(config)
+        # Synthetic captions and stored teacher embeddings (DataCompDR), when configured.
+        self.reinforced = ReinforcedStage.from_config(config)
+        if self.reinforced is not None:
+            self.batch_fields = (*Task.batch_fields, *self.reinforced.batch_fields())
         self._evaluator: image_text_eval.ImageTextEvaluator | None = None
 
     # -- model ---------------------------------------------------------------------------------
@@ -178,6 +204,10 @@ class Task(base.Task):
             params, images, model_state, train=True
         )
         embeddings["text"] = self._encode_texts(params, batch["text"])
+        if self.reinforced is not None:
+            if self.reinforced.synthetic_captions:
+                embeddings["synthetic_text"] = self._encode_texts(params, batch["synthetic_text"])
+            embeddings.update(self.reinforced.teacher_embeddings(batch))
         return embeddings, model_state
 
     def loss_from_embeddings(
@@ -192,6 +222,23 @@ class Task(base.Task):
         fixed_scale = self.config.loss.get("fixed_logit_scale")
         # A fixed temperature (UTA fine-tuning: 0.01, scale 100) when the towers start aligned.
         scale = jnp.float32(fixed_scale) if fixed_scale else jnp.exp(params["logit_scale"])
+        if self.reinforced is not None:
+            value, parts = self.reinforced.loss(self.mesh, embeddings, scale)
+            metrics = {"logit_scale": scale, "contrastive_loss": parts["clip_real"], **parts}
+        else:
+            value, metrics = self._contrastive_loss(params, embeddings, scale)
+        if "augment_mse" in embeddings:
+            augment_loss, augment_metrics = self.range_augment.loss(
+                params, embeddings["augment_mse"], step
+            )
+            value = value + augment_loss
+            metrics.update(augment_metrics)
+        return value, metrics
+
+    def _contrastive_loss(
+        self, params: Any, embeddings: dict[str, jax.Array], scale: jax.Array
+    ) -> tuple[jax.Array, base.Metrics]:
+        """The configured CLIP / SigLIP loss of image and text embeddings over the global batch."""
         batch_spec = PartitionSpec(sharding.BATCH_AXES)
         loss = LOSSES[self.loss_name]
         scalars: tuple[jax.Array, ...] = (scale,)
@@ -207,12 +254,6 @@ class Task(base.Task):
         metrics = {"logit_scale": scale, "contrastive_loss": value}
         if len(scalars) == 2:
             metrics["logit_bias"] = scalars[1]
-        if "augment_mse" in embeddings:
-            augment_loss, augment_metrics = self.range_augment.loss(
-                params, embeddings["augment_mse"], step
-            )
-            value = value + augment_loss
-            metrics.update(augment_metrics)
         return value, metrics
 
     def loss_fn(
@@ -238,12 +279,19 @@ class Task(base.Task):
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         size = self.image_size
-        return {
+        spec = {
             "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
             "text": jax.ShapeDtypeStruct((batch_size, self.context_length), jnp.int32),
         }
+        if self.reinforced is not None:
+            spec.update(self.reinforced.batch_spec(batch_size, self.context_length))
+        return spec
 
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+        extras = {}
+        if self.reinforced is not None:
+            extras["reinforcement"] = self.reinforced.pipeline_fields()
+            prepare_reinforced_data(self.config)
         return image_text.train_dataset(
             self.config.data,
             batch_size=batch_size,
@@ -251,6 +299,7 @@ class Task(base.Task):
             context_length=self.context_length,
             process_index=process_index,
             process_count=process_count,
+            **extras,
         )
 
     def load_pretrained(self) -> Any:

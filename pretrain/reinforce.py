@@ -1,0 +1,389 @@
+"""Make reinforced (DataCompDR-style) shards: a data set plus a CLIP teacher ensemble's embeddings.
+
+    python -m pretrain.reinforce --config=configs/clip_reinforced.py:runlocal
+
+reads ``config.reinforce`` and writes webdataset tar shards that MobileCLIP's reinforced training
+(and this project's, ``config.reinforced``) reads. Per sample, as DataCompDR-12M/1B lay it out:
+
+* the image (its original bytes; decoded sources such as TFDS as PNG), ``txt`` (the real
+  captions, one per line), ``json`` (the source's metadata and label, if any);
+* ``syn.json``: ``{"syn_text": [...]}``, the record's synthetic captions (the source's
+  ``synthetic_captions``; none when it has none);
+* ``paug.json``: ``{"param_aug": [[[top, left, height, width], []], ...]}``, the crop boxes of
+  ``num_augmentations`` random resized crops (torchvision's sampling, in the image's pixels);
+* ``npz``: ``image_emb`` (A, D), the teachers' embeddings of those A views, and ``text_emb``
+  (T, D) of the real then the synthetic captions; with several teachers their L2-normalised
+  embeddings stand side by side (D = sum of their dimensions), stored as ``storage_dtype``.
+
+``config.reinforce``: ``teachers`` (named teacher specs, see pretrain/tasks/clip_teacher.py: a run
+of this project or open_clip weights), ``ensemble_order`` (their names in the order their
+embeddings stand side by side; default: sorted), ``source`` (a data
+source config, see pretrain/data/image_text.py), ``output_dir``, ``samples_per_shard``,
+``num_augmentations``, ``crop_scale`` / ``crop_ratio``, ``seed``, ``batch_size`` (teacher batch),
+``storage_dtype``. Shards are written one at a time under temporary names and renamed, and
+existing ones are kept: an interrupted job resumes where it stopped. ``reinforcement.json``,
+written last, marks the set complete (teachers, dimensions, counts of written and skipped
+records). With several processes, process ``p`` writes the shards ``k`` with ``k % P == p``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from models.two_tower import TwoTowerModel
+from pretrain.data import image_text, pipeline, transforms, webdataset
+from pretrain.data.tokenizer import ClipTokenizer
+from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from pretrain.tasks.clip_teacher import Teacher, build_teacher
+
+MANIFEST = "reinforcement.json"
+SHARD_PATTERN = "reinforced-%05d.tar"
+SHARD_GLOB = "reinforced-*.tar"
+
+
+@dataclasses.dataclass
+class LoadedTeacher:
+    """A teacher model with its weights and jitted encoders."""
+
+    name: str
+    teacher: Teacher
+    params: Any
+
+    def __post_init__(self) -> None:
+        model, params = self.teacher.model, self.params
+        mean, std = jnp.asarray(CLIP_MEAN), jnp.asarray(CLIP_STD)
+
+        def encode_images(images_uint8: jax.Array) -> jax.Array:
+            images = (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
+            embeds, _ = model.apply(
+                {"params": params},
+                images.astype(self.teacher.dtype),
+                method=TwoTowerModel.encode_image,
+            )
+            return embeds.astype(jnp.float32)
+
+        def encode_texts(tokens: jax.Array) -> jax.Array:
+            embeds, _ = model.apply({"params": params}, tokens, method=TwoTowerModel.encode_text)
+            return embeds.astype(jnp.float32)
+
+        self.encode_images = jax.jit(encode_images)
+        self.encode_texts = jax.jit(encode_texts)
+        self.tokenizer = ClipTokenizer(self.teacher.context_length)
+
+
+def load_teachers(teachers_config: ConfigDict, order: Sequence[str] = ()) -> list[LoadedTeacher]:
+    """The ensemble in ``order`` (ConfigDict sorts its keys: the order must be given when it
+    matters, e.g. to match DataCompDR's), each computing in float32 unless its spec says so."""
+    if not teachers_config:
+        raise ValueError("config.reinforce.teachers is empty: name at least one CLIP teacher")
+    names = list(order) or sorted(teachers_config)
+    if sorted(names) != sorted(teachers_config):
+        raise ValueError(
+            f"config.reinforce.ensemble_order {names} does not name the teachers "
+            f"{sorted(teachers_config)}"
+        )
+    loaded = []
+    for name in names:
+        spec = ConfigDict({"dtype": "float32", **teachers_config[name].to_dict()})
+        teacher = build_teacher(spec)
+        loaded.append(LoadedTeacher(name, teacher, teacher.load()))
+    return loaded
+
+
+def _batched(function: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """``function`` over ``inputs`` in fixed-size batches (the last padded: one compilation)."""
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        rows = len(chunk)
+        if rows < batch_size:
+            padding = np.zeros((batch_size - rows, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, padding])
+        outputs.append(np.asarray(function(chunk))[:rows])
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+@dataclasses.dataclass
+class PreparedRecord:
+    """A source record ready to embed: its image, captions and crop boxes."""
+
+    key: str
+    image: PIL.Image.Image
+    image_payload: tuple[str, bytes]
+    captions: list[str]
+    synthetic_captions: list[str]
+    boxes: list[tuple[int, int, int, int]]
+    metadata: dict[str, Any]
+
+
+def _one_line(caption: str) -> str:
+    # Written one caption per line: a caption's own line breaks would split it on reading.
+    return " ".join(caption.split())
+
+
+def _image_payload(raw: Any, image: PIL.Image.Image, format_name: str | None) -> tuple[str, bytes]:
+    """The image member (extension, bytes): the original encoded bytes when there are some."""
+    extensions = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+    if isinstance(raw, bytes | bytearray) and format_name in extensions:
+        return extensions[format_name], bytes(raw)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "png", buffer.getvalue()
+
+
+def prepare_record(
+    index: int,
+    record: Any,
+    *,
+    num_augmentations: int,
+    seed: int,
+    crop_scale: Sequence[float],
+    crop_ratio: Sequence[float],
+) -> PreparedRecord | str:
+    """A record with its sampled crop boxes, or the reason it is skipped (pipeline's names)."""
+    raw, captions = pipeline.image_and_captions(record)
+    captions = [_one_line(c) for c in captions]
+    if raw is None or (isinstance(raw, bytes | bytearray) and not raw):
+        return "missing_image"
+    if not captions:
+        return "empty_caption"
+    try:
+        image = transforms.decode_to_pil(raw)
+        format_name = PIL.Image.open(io.BytesIO(raw)).format if isinstance(raw, bytes) else None
+    except transforms.CorruptImageError:
+        return "corrupt_image"
+    rng = np.random.default_rng([seed, index])
+    scale, ratio = tuple(crop_scale), tuple(crop_ratio)
+    boxes = [
+        transforms.sample_crop_box(image.height, image.width, rng, scale, ratio)
+        for _ in range(num_augmentations)
+    ]
+    metadata = dict(record.get("metadata") or {})
+    if "label" in record:
+        metadata["label"] = int(record["label"])
+    synthetic = [_one_line(c) for c in pipeline.caption_list(record.get("synthetic_captions"))]
+    return PreparedRecord(
+        key=str(record.get("key") or f"{index:09d}"),
+        image=image,
+        image_payload=_image_payload(raw, image, format_name),
+        captions=captions,
+        synthetic_captions=synthetic,
+        boxes=boxes,
+        metadata=metadata,
+    )
+
+
+def embed_records(
+    records: Sequence[PreparedRecord], teachers: Sequence[LoadedTeacher], batch_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per record ``(image_emb (A, D), text_emb (T, D))``: the teachers side by side."""
+    image_parts, text_parts = [], []
+    for teacher in teachers:
+        size = teacher.teacher.image_size
+        views = np.stack(
+            [
+                transforms.crop_and_resize(record.image, box, size)
+                for record in records
+                for box in record.boxes
+            ]
+        )
+        texts = [c for record in records for c in (*record.captions, *record.synthetic_captions)]
+        tokens = np.asarray(teacher.tokenizer(texts), np.int32)
+        image_parts.append(_batched(teacher.encode_images, views, batch_size))
+        text_parts.append(_batched(teacher.encode_texts, tokens, batch_size))
+    images, texts = np.concatenate(image_parts, axis=1), np.concatenate(text_parts, axis=1)
+    out, image_row, text_row = [], 0, 0
+    for record in records:
+        views = len(record.boxes)
+        count = len(record.captions) + len(record.synthetic_captions)
+        out.append((images[image_row : image_row + views], texts[text_row : text_row + count]))
+        image_row, text_row = image_row + views, text_row + count
+    return out
+
+
+def _npz_bytes(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, image_emb=image_emb.astype(dtype), text_emb=text_emb.astype(dtype))
+    return buffer.getvalue()
+
+
+def shard_sample(record: PreparedRecord, image_emb: np.ndarray, text_emb: np.ndarray, dtype: str):
+    """The webdataset members of one reinforced sample."""
+    extension, payload = record.image_payload
+    return {
+        "__key__": record.key,
+        extension: payload,
+        "txt": "\n".join(record.captions),
+        "json": record.metadata,
+        "syn.json": {"syn_text": record.synthetic_captions},
+        "paug.json": {"param_aug": [[list(box), []] for box in record.boxes]},
+        "npz": _npz_bytes(image_emb, text_emb, dtype),
+    }
+
+
+def _write_shard(samples: Sequence[dict[str, Any]], path: Path) -> None:
+    """One whole shard at ``path``, renamed into place when complete (possibly empty)."""
+    partial = path.with_name(f"{path.name}.part")
+    if samples:
+        webdataset.write_shards(samples, f"{partial}.%d", len(samples))
+        os.replace(f"{partial}.0", path)
+    else:
+        with tarfile.open(partial, "w"):
+            pass
+        os.replace(partial, path)
+
+
+JOB_FILE = "reinforce_job.json"
+
+
+def crop_options(settings: ConfigDict) -> dict[str, Any]:
+    """How the stored views are drawn (``prepare_record``'s keyword arguments)."""
+    return {
+        "num_augmentations": int(settings.num_augmentations),
+        "seed": int(settings.seed),
+        "crop_scale": tuple(settings.crop_scale),
+        "crop_ratio": tuple(settings.crop_ratio),
+    }
+
+
+def job_description(settings: ConfigDict) -> dict[str, Any]:
+    """What determines the shards' contents (kept beside them, checked when resuming)."""
+    return json.loads(
+        json.dumps(
+            {
+                "source": settings.source.to_dict(),
+                "teachers": settings.teachers.to_dict(),
+                "ensemble_order": list(settings.get("ensemble_order") or ()),
+                "samples_per_shard": int(settings.samples_per_shard),
+                "storage_dtype": str(settings.storage_dtype),
+                **crop_options(settings),
+            },
+            default=str,
+        )
+    )
+
+
+def check_same_job(output: Path, description: dict[str, Any]) -> None:
+    """Shards of an earlier job are reused only when that job was this one (same data, teachers
+    and augmentations): mixing two would silently pair wrong embeddings."""
+    path = output / JOB_FILE
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier != description:
+            changed = sorted(
+                k for k in set(earlier) | set(description) if earlier.get(k) != description.get(k)
+            )
+            raise ValueError(
+                f"{output} holds shards of another reinforcement job (differs in {changed}): "
+                "choose another reinforce.output_dir or remove it"
+            )
+    else:
+        path.write_text(json.dumps(description, indent=1))
+
+
+def is_complete(output_dir: str | os.PathLike) -> bool:
+    """Whether a reinforcement job finished writing ``output_dir``."""
+    return (Path(output_dir) / MANIFEST).exists()
+
+
+def reinforce(
+    config: ConfigDict, *, process_index: int = 0, process_count: int = 1
+) -> dict[str, Any]:
+    """Write the reinforced shards of ``config.reinforce`` (resuming); returns the manifest."""
+    settings = config.reinforce
+    output = Path(settings.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    check_same_job(output, job_description(settings))
+    source = image_text.make_source(settings.source)
+    teachers = load_teachers(settings.teachers, settings.get("ensemble_order") or ())
+    per_shard = int(settings.samples_per_shard)
+    num_shards = -(-len(source) // per_shard)
+    options = crop_options(settings)
+    dtype = str(settings.storage_dtype)
+    written = skipped = 0
+    skip_reasons: dict[str, int] = {}
+    started = time.time()
+    for shard in range(process_index, num_shards, process_count):
+        path = output / (SHARD_PATTERN % shard)
+        counts_path = output / f"{path.name}.counts.json"
+        if path.exists() and counts_path.exists():  # done by an earlier (interrupted) job
+            counts = json.loads(counts_path.read_text())
+        else:
+            prepared, counts = [], {"written": 0, "skipped": {}}
+            for index in range(shard * per_shard, min((shard + 1) * per_shard, len(source))):
+                outcome = prepare_record(index, source[index], **options)
+                if isinstance(outcome, str):
+                    counts["skipped"][outcome] = counts["skipped"].get(outcome, 0) + 1
+                else:
+                    prepared.append(outcome)
+            embeddings = embed_records(prepared, teachers, int(settings.batch_size))
+            samples = [shard_sample(r, *e, dtype) for r, e in zip(prepared, embeddings)]
+            _write_shard(samples, path)
+            counts["written"] = len(samples)
+            counts_path.write_text(json.dumps(counts))
+        written += counts["written"]
+        for reason, count in counts["skipped"].items():
+            skip_reasons[reason] = skip_reasons.get(reason, 0) + count
+            skipped += count
+        elapsed = time.time() - started
+        done = (shard - process_index) // process_count + 1
+        total = len(range(process_index, num_shards, process_count))
+        logging.info(
+            "reinforced shard %d/%d (%d samples so far, %d skipped) %.0f s, ETA %.0f s",
+            done,
+            total,
+            written,
+            skipped,
+            elapsed,
+            elapsed / done * (total - done),
+        )
+    manifest = {
+        "teachers": [
+            {"name": t.name, "embed_dim": t.teacher.embed_dim, "spec": t.teacher.config.to_dict()}
+            for t in teachers
+        ],
+        "embed_dim": sum(t.teacher.embed_dim for t in teachers),
+        "num_teachers": len(teachers),
+        "num_augmentations": options["num_augmentations"],
+        "num_shards": num_shards,
+        "written": written,
+        "skipped": skip_reasons,
+        "storage_dtype": dtype,
+    }
+    if process_count == 1:
+        (output / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest
+
+
+def _define_flags() -> Any:
+    # Defined only when run as a program: the trainer imports this module and has its own
+    # --config flag.
+    return config_flags.DEFINE_config_file("config", None, "Recipe with a reinforce section.")
+
+
+def main(config_flag: Any) -> None:
+    manifest = reinforce(
+        config_flag.value, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    logging.info("reinforced: %s", json.dumps({k: manifest[k] for k in ("written", "skipped")}))
+
+
+if __name__ == "__main__":
+    _config_flag = _define_flags()
+    flags.mark_flag_as_required("config")
+    app.run(lambda argv: main(_config_flag))
