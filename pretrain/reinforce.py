@@ -49,7 +49,7 @@ from models.two_tower import TwoTowerModel
 from pretrain.data import image_text, pipeline, transforms, webdataset
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
-from pretrain.tasks.clip_teacher import Teacher, build_teacher
+from pretrain.tasks.clip_teacher import build_teacher, restore_run_variables
 
 MANIFEST = "reinforcement.json"
 SHARD_PATTERN = "reinforced-%05d.tar"
@@ -58,37 +58,82 @@ SHARD_GLOB = "reinforced-*.tar"
 
 @dataclasses.dataclass
 class LoadedTeacher:
-    """A teacher model with its weights and jitted encoders."""
+    """A CLIP teacher ready to embed: its weights and jitted encoders of uint8 images / tokens."""
 
     name: str
-    teacher: Teacher
-    params: Any
+    spec: ConfigDict
+    image_size: int
+    context_length: int
+    variables: Any
+    image_encoder: Any  # (variables, uint8 images) -> L2-normalised embeddings
+    text_encoder: Any  # (variables, tokens) -> L2-normalised embeddings
 
     def __post_init__(self) -> None:
-        model, params = self.teacher.model, self.params
-        mean, std = jnp.asarray(CLIP_MEAN), jnp.asarray(CLIP_STD)
+        self.tokenizer = ClipTokenizer(self.context_length)
+        # Weights are arguments, not constants folded into the compiled programs.
+        self._images = jax.jit(self.image_encoder)
+        self._texts = jax.jit(self.text_encoder)
 
-        def encode_images(images_uint8: jax.Array) -> jax.Array:
-            images = (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
-            embeds, _ = model.apply(
-                {"params": params},
-                images.astype(self.teacher.dtype),
-                method=TwoTowerModel.encode_image,
-            )
-            return embeds.astype(jnp.float32)
+    def encode_images(self, images_uint8: np.ndarray) -> np.ndarray:
+        return np.asarray(self._images(self.variables, images_uint8), np.float32)
 
-        def encode_texts(tokens: jax.Array) -> jax.Array:
-            embeds, _ = model.apply({"params": params}, tokens, method=TwoTowerModel.encode_text)
-            return embeds.astype(jnp.float32)
+    def encode_texts(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(self._texts(self.variables, tokens), np.float32)
 
-        self.encode_images = jax.jit(encode_images)
-        self.encode_texts = jax.jit(encode_texts)
-        self.tokenizer = ClipTokenizer(self.teacher.context_length)
+    @property
+    def embed_dim(self) -> int:
+        images = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.uint8)
+        return int(jax.eval_shape(self.image_encoder, self.variables, images).shape[-1])
+
+
+def _open_clip_teacher(name: str, spec: ConfigDict) -> LoadedTeacher:
+    teacher = build_teacher(spec)
+    model, dtype = teacher.model, teacher.dtype
+    mean, std = jnp.asarray(CLIP_MEAN), jnp.asarray(CLIP_STD)
+
+    def encode_images(params: Any, images_uint8: jax.Array) -> jax.Array:
+        images = ((images_uint8.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+        embeds, _ = model.apply({"params": params}, images, method=TwoTowerModel.encode_image)
+        return embeds.astype(jnp.float32)
+
+    def encode_texts(params: Any, tokens: jax.Array) -> jax.Array:
+        embeds, _ = model.apply({"params": params}, tokens, method=TwoTowerModel.encode_text)
+        return embeds.astype(jnp.float32)
+
+    return LoadedTeacher(
+        name,
+        spec,
+        teacher.image_size,
+        teacher.context_length,
+        teacher.load(),
+        encode_images,
+        encode_texts,
+    )
+
+
+def _run_teacher(name: str, spec: ConfigDict) -> LoadedTeacher:
+    """A CLIP run of this project with any image tower (ViT, ResNet, MCi: BatchNorm statistics
+    included), encoding as its own task evaluates."""
+    task, params, model_state = restore_run_variables(
+        spec.config, spec.workdir, str(spec.step), spec.get("use_ema")
+    )
+    if not (hasattr(task, "encode_images") and hasattr(task, "encode_texts")):
+        raise ValueError(f"the run in {spec.workdir} is not a CLIP run (no image/text encoders)")
+    return LoadedTeacher(
+        name,
+        spec,
+        int(task.image_size),
+        int(task.context_length),
+        {"params": params, "model_state": model_state},
+        task.encode_images,
+        task.encode_texts,
+    )
 
 
 def load_teachers(teachers_config: ConfigDict, order: Sequence[str] = ()) -> list[LoadedTeacher]:
     """The ensemble in ``order`` (ConfigDict sorts its keys: the order must be given when it
-    matters, e.g. to match DataCompDR's), each computing in float32 unless its spec says so."""
+    matters, e.g. to match DataCompDR's); open_clip teachers compute in float32 unless their
+    spec says otherwise, runs of this project as they were trained."""
     if not teachers_config:
         raise ValueError("config.reinforce.teachers is empty: name at least one CLIP teacher")
     names = list(order) or sorted(teachers_config)
@@ -100,8 +145,10 @@ def load_teachers(teachers_config: ConfigDict, order: Sequence[str] = ()) -> lis
     loaded = []
     for name in names:
         spec = ConfigDict({"dtype": "float32", **teachers_config[name].to_dict()})
-        teacher = build_teacher(spec)
-        loaded.append(LoadedTeacher(name, teacher, teacher.load()))
+        if spec.source == "workdir":
+            loaded.append(_run_teacher(name, spec))
+        else:
+            loaded.append(_open_clip_teacher(name, spec))
     return loaded
 
 
@@ -194,7 +241,7 @@ def embed_records(
     """Per record ``(image_emb (A, D), text_emb (T, D))``: the teachers side by side."""
     image_parts, text_parts = [], []
     for teacher in teachers:
-        size = teacher.teacher.image_size
+        size = teacher.image_size
         views = np.stack(
             [
                 transforms.crop_and_resize(record.image, box, size)
@@ -354,10 +401,9 @@ def reinforce(
         )
     manifest = {
         "teachers": [
-            {"name": t.name, "embed_dim": t.teacher.embed_dim, "spec": t.teacher.config.to_dict()}
-            for t in teachers
+            {"name": t.name, "embed_dim": t.embed_dim, "spec": t.spec.to_dict()} for t in teachers
         ],
-        "embed_dim": sum(t.teacher.embed_dim for t in teachers),
+        "embed_dim": sum(t.embed_dim for t in teachers),
         "num_teachers": len(teachers),
         "num_augmentations": options["num_augmentations"],
         "num_shards": num_shards,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_clip_towers
 import test_distill_loss
 import tiny_clip_config
 import tiny_reinforced_config
@@ -27,7 +28,7 @@ from pretrain.data.pipeline import Reinforcement, image_text_dataset
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.tasks.clip import Task as ClipTask
-from pretrain.tasks.clip_teacher import build_teacher
+from pretrain.tasks.clip_teacher import build_teacher, restore_run_variables
 
 # ------------------------------------------------------------------- the embedded scenes ----
 
@@ -384,8 +385,8 @@ def test_task_loss_is_the_weighted_reinforced_loss(num_teachers, teacher_workdir
     )
     params, _ = task.init_variables(jax.random.key(0))
     batch = _random_batch(task, 8, np.random.default_rng(3))
-    loss, metrics = task.loss_fn(params, batch, jax.random.key(1), jnp.int32(0))
-    embeddings = task.embed(params, batch, jax.random.key(1))
+    loss, metrics = jax.jit(task.loss_fn)(params, batch, jax.random.key(1), jnp.int32(0))
+    embeddings = jax.jit(task.embed)(params, batch, jax.random.key(1))
     student = [np.asarray(embeddings[k], np.float64) for k in ("image", "text", "synthetic_text")]
     teacher = [
         _normalised(np.asarray(batch[k], np.float64).reshape(8, num_teachers, -1))
@@ -434,6 +435,7 @@ def test_tiny_reinforced_run_trains_on_the_shards(reinforced, tmp_path):
     config, _ = reinforced
     config = config.copy_and_resolve_references()
     config.mesh = {"data": 4, "fsdp": 2}
+    config.total_steps = 4  # one evaluation, at the end
     trainer.train_and_evaluate(config, str(tmp_path))
     rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
     names = {row.split(",")[1] for row in rows}
@@ -462,3 +464,30 @@ def test_reinforced_recipe_values():
     sigmoid.loss.name = "sigmoid"
     with pytest.raises(ValueError, match="'clip'"):
         ClipTask(sigmoid, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+
+
+@pytest.mark.slow  # trains a tiny ResNet CLIP first (~1 min on 2 cores)
+def test_a_batchnorm_clip_run_can_be_the_teacher(teacher_workdir, tmp_path):
+    resnet_run = tmp_path / "resnet"
+    trainer.train_and_evaluate(test_clip_towers.tiny_config("resnet"), str(resnet_run))
+    config = tiny_reinforced_config.get_config(f"{teacher_workdir},{tmp_path / 'shards'}")
+    config.reinforce.teachers.clip_runlocal.update(
+        {"config": "", "workdir": str(resnet_run), "step": "latest"}
+    )
+    config.reinforce.samples_per_shard = 256
+    manifest = reinforce.reinforce(config)
+    assert manifest["written"] == 256 and manifest["embed_dim"] == 32
+    task, params, model_state = restore_run_variables("", str(resnet_run), "latest")
+    assert model_state is not None  # the running statistics are used, not fresh ones
+    record = webdataset.WebDatasetSource(clip_reinforced.shards_glob(str(tmp_path / "shards")))[3]
+    image = transforms.decode_image(record["image_bytes"])
+    views = np.stack(
+        [
+            transforms.crop_and_resize(image, b, task.image_size)
+            for b in record["augmentation_boxes"]
+        ]
+    )
+    variables = {"params": params, "model_state": model_state}
+    np.testing.assert_allclose(
+        record["teacher_image_embeddings"], task.encode_images(variables, views), atol=2e-3
+    )

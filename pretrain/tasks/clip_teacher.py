@@ -103,12 +103,12 @@ def run_config(workdir: str, recipe_spec: str = "") -> ConfigDict:
     return load_recipe(recipe_spec)
 
 
-def restore_run(
+def restore_run_variables(
     recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
-) -> tuple[base.Task, Any]:
-    """The task and parameters (host arrays) of a run of this project. ``step`` is "best" |
-    "latest" | a number; ``use_ema`` picks the EMA parameters (None: the EMA when the run kept
-    one)."""
+) -> tuple[base.Task, Any, Any]:
+    """``(task, params, model_state)`` (host arrays) of a run of this project; ``model_state``
+    holds BatchNorm statistics (ResNet, MCi towers), else None. ``step`` is "best" | "latest" |
+    a number; ``use_ema`` picks the EMA weights (None: the EMA when the run kept one)."""
     # Imported here: the trainer imports the task modules' base, not the other way round.
     from pretrain import sharding, trainer
 
@@ -121,12 +121,25 @@ def restore_run(
     key = "ema_params" if use_ema else "params"
     if key not in state:
         raise ValueError(f"the run in {workdir} kept no EMA parameters (ema_decay was off)")
+    state_key = "ema_model_state" if use_ema else "model_state"
     mesh = sharding.make_mesh(recipe.mesh)
     # Gather every shard (from every host) into whole arrays first.
-    replicated = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state[key])
-    params = jax.device_get(replicated)
+    gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
+    params = jax.device_get(gather(state[key]))
+    model_state = state.get(state_key)
+    if model_state is not None:
+        model_state = jax.device_get(gather(model_state))
     # Training-only parameters (RangeAugment's ranges) are not part of the model.
-    return task, {k: v for k, v in params.items() if k != "range_augment"}
+    return task, {k: v for k, v in params.items() if k != "range_augment"}, model_state
+
+
+def restore_run(
+    recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
+) -> tuple[base.Task, Any]:
+    """The task and parameters (host arrays) of a run of this project (see
+    :func:`restore_run_variables`)."""
+    task, params, _ = restore_run_variables(recipe_spec, workdir, step, use_ema)
+    return task, params
 
 
 def run_params(
