@@ -11,3 +11,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Each pytest process (xdist worker) builds the small embedded data sets it needs in its own
 # folder, so concurrent builds never race.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="tfds_tests_")
+
+import pytest  # noqa: E402 - after the environment above, like every import of JAX
+
+
+@pytest.fixture(scope="session")
+def teacher_workdir(tmp_path_factory):
+    """A tiny CLIP trained for a few steps (the foundation's run, shrunk): the teacher of the UTA
+    and reinforced-training tests, trained once per test session."""
+    import tiny_clip_config
+
+    from pretrain import trainer
+
+    workdir = tmp_path_factory.mktemp("teacher")
+    config = tiny_clip_config.get_config()
+    config.total_steps = 4
+    config.eval.every_steps = 0
+    trainer.train_and_evaluate(config, str(workdir))
+    return str(workdir)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import test_clip_towers
 import test_distill_loss
-import tiny_clip_config
 import tiny_reinforced_config
 from PIL import Image
 
@@ -254,16 +253,6 @@ def test_bad_reinforcements_are_skipped_and_counted():
 
 
 # ------------------------------------------------------------------------------ the tool ----
-
-
-@pytest.fixture(scope="module")
-def teacher_workdir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("teacher")
-    config = tiny_clip_config.get_config()
-    config.total_steps = 4
-    config.eval.every_steps = 0
-    trainer.train_and_evaluate(config, str(workdir))
-    return str(workdir)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import csv
 import jax
 import numpy as np
 import pytest
-import tiny_clip_config
 import tiny_uta_config
 
 from models.two_tower import TwoTowerModel
@@ -14,17 +13,6 @@ from pretrain import sharding, trainer
 from pretrain.data import masking
 from pretrain.tasks.uta import Task as UtaTask
 from pretrain.tasks.uta import normalize_unit_images
-
-
-@pytest.fixture(scope="module")
-def teacher_workdir(tmp_path_factory):
-    """A tiny CLIP teacher trained for a few steps (the foundation's run, shrunk)."""
-    workdir = tmp_path_factory.mktemp("teacher")
-    config = tiny_clip_config.get_config()
-    config.total_steps = 4
-    config.eval.every_steps = 0
-    trainer.train_and_evaluate(config, str(workdir))
-    return str(workdir)
 
 
 def one_device_mesh():

@@ -2,6 +2,7 @@
 by the tiny CLIP of tests/tiny_clip_config.py trained into ``teacher_workdir``; the reinforced
 shards go to ``reinforced_dir``."""
 
+import tiny_clip_config
 from ml_collections import ConfigDict
 
 from configs.clip_reinforced import get_config as reinforced_config
@@ -12,13 +13,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     """``arg``: "teacher_workdir,reinforced_dir"."""
     teacher_workdir, reinforced_dir = (arg or ",").split(",")
     config = reinforced_config("runlocal")
+    tiny = tiny_clip_config.get_config()  # the same small model, sizes and schedule
+    config.model = tiny.model
+    config.data.image_size = tiny.data.image_size
+    config.schedule = tiny.schedule
+    config.batch_size = tiny.batch_size
     config.total_steps = 8
-    config.batch_size = 16
-    config.schedule.warmup_steps = 2
-    config.model.image.update({"patch_size": 8, "width": 64, "depth": 1, "num_heads": 4})
-    config.model.text.update({"width": 32, "depth": 1, "num_heads": 2, "context_length": 16})
-    config.model.embed_dim = 32
-    config.data.image_size = 32
     config.reinforced.teacher_embed_dim = 32  # the tiny teacher's embedding
     config.reinforce.teachers.clip_runlocal.update(
         {"config": "tests/tiny_clip_config.py", "workdir": teacher_workdir, "step": "latest"}
