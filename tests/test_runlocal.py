@@ -1,9 +1,10 @@
 """The README's main jobs, as a user runs them: the :runlocal CLIP learns the embedded data set,
 then UTA aligns a student to it as the teacher, then the contrastive fine-tuning of that student;
-the reinforced run distils it (stored embeddings) with synthetic captions; CatLIP learns the
-captions' synsets and its classifier gives the linear probe a head start.
+the reinforced run distils it (stored embeddings) with synthetic captions; the MobileCLIP MCi0
+tower learns the scenes too; CatLIP learns the captions' synsets and its classifier gives the
+linear probe a head start.
 
-Slow (about 15 minutes on 2 cores): run with `pytest -m slow` (CI's nightly-style stage).
+Slow (about 30 minutes on 2 cores): run with `pytest -m slow` (CI's nightly-style stage).
 """
 
 import csv
@@ -123,3 +124,9 @@ def test_reinforced_runlocal_trains_with_synthetic_captions_and_distillation(tmp
     distill = values["train/distill_real"]
     assert distill[1000] < 0.5 * distill[50], distill
     assert values["train/data/skipped_total"][1000] == 0
+
+
+@pytest.mark.slow
+def test_mci0_runlocal_reaches_zero_shot_accuracy_far_above_chance(tmp_path):
+    values = run_main("configs/clip_mci0.py:runlocal", tmp_path)
+    assert values["eval/scenes/zeroshot_top1"][1000] > 10 * CHANCE
