@@ -269,7 +269,9 @@ def _npz_bytes(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str) -> bytes
     return buffer.getvalue()
 
 
-def shard_sample(record: PreparedRecord, image_emb: np.ndarray, text_emb: np.ndarray, dtype: str):
+def shard_sample(
+    record: PreparedRecord, image_emb: np.ndarray, text_emb: np.ndarray, dtype: str
+) -> dict[str, Any]:
     """The webdataset members of one reinforced sample."""
     extension, payload = record.image_payload
     return {
@@ -281,6 +283,28 @@ def shard_sample(record: PreparedRecord, image_emb: np.ndarray, text_emb: np.nda
         "paug.json": {"param_aug": [[list(box), []] for box in record.boxes]},
         "npz": _npz_bytes(image_emb, text_emb, dtype),
     }
+
+
+def _make_shard(
+    path: Path,
+    source: Any,
+    records: range,
+    teachers: Sequence[LoadedTeacher],
+    settings: ConfigDict,
+) -> dict[str, Any]:
+    """Reinforce ``records`` of ``source`` into the shard ``path``; returns what was written
+    and skipped (by the pipeline's reasons)."""
+    prepared, skipped = [], {}
+    for index in records:
+        outcome = prepare_record(index, source[index], **crop_options(settings))
+        if isinstance(outcome, str):
+            skipped[outcome] = skipped.get(outcome, 0) + 1
+        else:
+            prepared.append(outcome)
+    embeddings = embed_records(prepared, teachers, int(settings.batch_size))
+    dtype = str(settings.storage_dtype)
+    _write_shard([shard_sample(r, *e, dtype) for r, e in zip(prepared, embeddings)], path)
+    return {"written": len(prepared), "skipped": skipped}
 
 
 def _write_shard(samples: Sequence[dict[str, Any]], path: Path) -> None:
@@ -360,8 +384,6 @@ def reinforce(
     teachers = load_teachers(settings.teachers, settings.get("ensemble_order") or ())
     per_shard = int(settings.samples_per_shard)
     num_shards = -(-len(source) // per_shard)
-    options = crop_options(settings)
-    dtype = str(settings.storage_dtype)
     written = skipped = 0
     skip_reasons: dict[str, int] = {}
     started = time.time()
@@ -371,17 +393,8 @@ def reinforce(
         if path.exists() and counts_path.exists():  # done by an earlier (interrupted) job
             counts = json.loads(counts_path.read_text())
         else:
-            prepared, counts = [], {"written": 0, "skipped": {}}
-            for index in range(shard * per_shard, min((shard + 1) * per_shard, len(source))):
-                outcome = prepare_record(index, source[index], **options)
-                if isinstance(outcome, str):
-                    counts["skipped"][outcome] = counts["skipped"].get(outcome, 0) + 1
-                else:
-                    prepared.append(outcome)
-            embeddings = embed_records(prepared, teachers, int(settings.batch_size))
-            samples = [shard_sample(r, *e, dtype) for r, e in zip(prepared, embeddings)]
-            _write_shard(samples, path)
-            counts["written"] = len(samples)
+            records = range(shard * per_shard, min((shard + 1) * per_shard, len(source)))
+            counts = _make_shard(path, source, records, teachers, settings)
             counts_path.write_text(json.dumps(counts))
         written += counts["written"]
         for reason, count in counts["skipped"].items():
@@ -405,11 +418,11 @@ def reinforce(
         ],
         "embed_dim": sum(t.embed_dim for t in teachers),
         "num_teachers": len(teachers),
-        "num_augmentations": options["num_augmentations"],
+        "num_augmentations": int(settings.num_augmentations),
         "num_shards": num_shards,
         "written": written,
         "skipped": skip_reasons,
-        "storage_dtype": dtype,
+        "storage_dtype": str(settings.storage_dtype),
     }
     if process_count == 1:
         (output / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
