@@ -17,6 +17,7 @@ import test_clip_towers
 import test_distill_loss
 import tiny_reinforced_config
 from PIL import Image
+from tree_compare import assert_close_at_one_scale
 
 from configs import clip_reinforced
 from losses.distill import ReinforcedLossWeights
@@ -410,11 +411,7 @@ def test_sharded_and_accumulated_reinforced_gradients_equal_the_single_device_on
         lambda p, b: trainer.accumulated_gradients(sharded, p, b, rng, step, 2, mesh)
     )(params, placed)
     np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
-    # float32 sums in another order: round-off relative to the largest gradient entry (some
-    # leaves, e.g. a bias before a normalisation, have gradients that are zero up to round-off).
-    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(grads))
-    for expected, actual in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads)):
-        np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=2e-6 * scale)
+    assert_close_at_one_scale(sharded_grads, grads, rtol=0, scale_atol=2e-6)
 
 
 # --------------------------------------------------------------------------- the trainer ----

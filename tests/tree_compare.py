@@ -25,3 +25,12 @@ def assert_close_at_scale(actual, expected, rtol=1e-4, scale_atol=1e-4):
         actual,
         expected,
     )
+
+
+def assert_close_at_one_scale(actual, expected, rtol=1e-4, scale_atol=1e-5):
+    """All leaves at once, with an absolute tolerance relative to the largest expected value of
+    the whole tree: for gradients where some leaves are zero up to float noise (e.g. a conv or
+    bias before a normalisation has no gradient along what the normalisation removes)."""
+    flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(expected)])
+    actual_flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(actual)])
+    np.testing.assert_allclose(actual_flat, flat, rtol=rtol, atol=scale_atol * np.abs(flat).max())
