@@ -314,9 +314,8 @@ class ExampleMaker:
         if "malformed_reinforcement" in record:
             return self._skip(index, "bad_reinforcement", record["malformed_reinforcement"])
         fields: dict[str, Any] = {}
-        synthetic: list[str] = []
+        synthetic = caption_list(record.get("synthetic_captions"))
         if self.reinforcement.synthetic_captions:
-            synthetic = caption_list(record.get("synthetic_captions"))
             if not synthetic:
                 return self._skip(index, "no_synthetic_caption")
             synthetic_index = int(rng.integers(len(synthetic)))
@@ -327,13 +326,12 @@ class ExampleMaker:
             return self._skip(index, "bad_reinforcement", "no stored teacher embeddings")
         images = np.asarray(record["teacher_image_embeddings"], np.float32)
         texts = np.asarray(record["teacher_text_embeddings"], np.float32)
-        all_synthetic = caption_list(record.get("synthetic_captions"))
-        if texts.shape[0] != len(captions) + len(all_synthetic) or images.ndim != 2:
+        if texts.shape[0] != len(captions) + len(synthetic) or images.ndim != 2:
             return self._skip(
                 index,
                 "bad_reinforcement",
                 f"{texts.shape[0]} teacher text embeddings for {len(captions)} real and "
-                f"{len(all_synthetic)} synthetic captions",
+                f"{len(synthetic)} synthetic captions",
             )
         view = int(rng.integers(images.shape[0]))
         fields["teacher_image"] = images[view]
