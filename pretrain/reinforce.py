@@ -380,7 +380,8 @@ def reinforce(
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     check_same_job(output, job_description(settings))
-    source = image_text.make_source(settings.source)
+    # Synthetic captions already in the source's shards (syn.json) are kept.
+    source = image_text.make_source(settings.source, reinforcements=True)
     teachers = load_teachers(settings.teachers, settings.get("ensemble_order") or ())
     per_shard = int(settings.samples_per_shard)
     num_shards = -(-len(source) // per_shard)

@@ -96,7 +96,9 @@ def test_webdataset_reads_datacompdr_members(tmp_path):
         {"png": _png(np.zeros((16, 16, 3), np.uint8)), "txt": "broken", "npz": b"not an npz"},
     ]
     paths = webdataset.write_shards(samples, str(tmp_path / "dr-%d.tar"), 3)
-    source = webdataset.WebDatasetSource(paths)
+    plain = webdataset.WebDatasetSource(paths)  # plain training reads none of them
+    assert set(plain[0]) == set(plain[2]) == {"key", "image_bytes", "captions", "metadata"}
+    source = webdataset.WebDatasetSource(paths, reinforcements=True)
     record = source[0]
     assert record["captions"] == ["a real caption"]
     assert record["synthetic_captions"] == [f"synthetic {i}" for i in range(5)]
@@ -287,7 +289,9 @@ def test_reinforce_stores_the_teacher_embeddings_of_each_view_and_caption(reinfo
     manifest = json.loads(Path(directory, reinforce.MANIFEST).read_text())
     assert manifest["written"] == 256 and manifest["num_shards"] == 3
     assert manifest["embed_dim"] == 32 and manifest["num_augmentations"] == 4
-    shards = webdataset.WebDatasetSource(clip_reinforced.shards_glob(directory))
+    shards = webdataset.WebDatasetSource(
+        clip_reinforced.shards_glob(directory), reinforcements=True
+    )
     originals = image_text.make_source(config.reinforce.source)
     teacher, encode_images, encode_texts = _teacher_encoders(config)
     for index in (0, 101, 255):
@@ -465,7 +469,8 @@ def test_a_batchnorm_clip_run_can_be_the_teacher(teacher_workdir, tmp_path):
     assert manifest["written"] == 256 and manifest["embed_dim"] == 32
     task, params, model_state = restore_run_variables("", str(resnet_run), "latest")
     assert model_state is not None  # the running statistics are used, not fresh ones
-    record = webdataset.WebDatasetSource(clip_reinforced.shards_glob(str(tmp_path / "shards")))[3]
+    shards = clip_reinforced.shards_glob(str(tmp_path / "shards"))
+    record = webdataset.WebDatasetSource(shards, reinforcements=True)[3]
     image = transforms.decode_image(record["image_bytes"])
     views = np.stack(
         [

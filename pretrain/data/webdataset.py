@@ -20,14 +20,15 @@ multi-caption sets):
   Captions from ``txt`` come first, then those from the JSON fields in order; exact duplicates are
   dropped (img2dataset writes the same caption to ``txt`` and to the JSON ``caption`` field).
   Malformed JSON gives ``metadata={}``.
-* DataCompDR's reinforcements (MobileCLIP): ``syn.json`` (``{"syn_text": [captions]}``) gives
-  ``synthetic_captions``; ``npz`` (``image_emb`` (A, D), ``text_emb`` (T, D): the teacher
-  ensemble's embeddings of A augmented views and of the real then the synthetic captions) gives
-  ``teacher_image_embeddings`` / ``teacher_text_embeddings``; ``paug.json`` (``{"param_aug":
-  [[[top, left, height, width], ops], ...]}``, a list or its JSON text) gives
-  ``augmentation_boxes`` (A, 4), the crop of each stored view (other augmentation ops are not
-  replayed). A sample without such a member simply lacks the field; a malformed one gets
-  ``malformed_reinforcement`` (a message) instead (reinforced training skips and counts it).
+* DataCompDR's reinforcements (MobileCLIP), read only with ``reinforcements=True``:
+  ``syn.json`` (``{"syn_text": [captions]}``) gives ``synthetic_captions``; ``npz``
+  (``image_emb`` (A, D), ``text_emb`` (T, D): the teacher ensemble's embeddings of A augmented
+  views and of the real then the synthetic captions) gives ``teacher_image_embeddings`` /
+  ``teacher_text_embeddings``; ``paug.json`` (``{"param_aug": [[[top, left, height, width],
+  ops], ...]}``, a list or its JSON text) gives ``augmentation_boxes`` (A, 4), the crop of each
+  stored view (other augmentation ops are not replayed). A sample without such a member simply
+  lacks the field; a malformed one gets ``malformed_reinforcement`` (a message) instead
+  (reinforced training skips and counts it).
 
 Records are returned raw: ``dict(key=str, image_bytes=bytes | None, captions=list[str],
 metadata=dict)``. Decoding and augmentation happen in the pipeline (:mod:`pretrain.data.pipeline`).
@@ -732,6 +733,8 @@ class WebDatasetSource:
       strict: if True, a shard with a damaged tar header raises :class:`CorruptShardError`; by
         default its samples before the damage are kept, a warning names it and
         ``damaged_shards`` lists it (shards cut short are always kept and listed).
+      reinforcements: if True, records carry the DataCompDR members (synthetic captions, teacher
+        embeddings, stored crops; see the module docstring); off, they are not read at all.
 
     A missing or unreadable shard raises ``FileNotFoundError`` at construction (a configuration
     error). A cached index is reused only while the shards' sizes and modification times are
@@ -756,6 +759,7 @@ class WebDatasetSource:
         index_threads: int = 16,
         max_open_files: int = 128,
         strict: bool = False,
+        reinforcements: bool = False,
     ):
         if txt_captions not in ("lines", "single"):
             raise ValueError(f"txt_captions must be 'lines' or 'single', got {txt_captions!r}")
@@ -768,6 +772,7 @@ class WebDatasetSource:
         self.json_caption_fields = tuple(json_caption_fields)
         self.max_open_files = max_open_files
         self.strict = strict
+        self.reinforcements = reinforcements
         fingerprints = shard_fingerprints(self.shards)
 
         def shard_index(path: str) -> dict[str, np.ndarray]:
@@ -875,6 +880,8 @@ class WebDatasetSource:
             "captions": captions,
             "metadata": metadata,
         }
+        if not self.reinforcements:  # plain training: no npz parsing on the hot path
+            return record
         try:
             record.update(self._reinforcements(index, shard))
         except MalformedReinforcementError as error:
