@@ -54,15 +54,22 @@ from models.mobileclip import (
     make_divisible,
 )
 from pretrain.export import timm_fastvit
-from pretrain.export.tree_io import Entries, StateDict, as_pair, flatten, size_value, unflatten
+from pretrain.export.tree_io import (
+    BATCH_NORM_COUNTER,
+    Entries,
+    Shapes,
+    StateDict,
+    as_pair,
+    batch_norm_shapes,
+    flatten,
+    size_value,
+    unflatten,
+)
 
 TRUNK_PREFIX = "visual.trunk."
 JAX_PREFIX = "image_encoder/"
 # timm's registered MobileCLIP trunks, by name, and the MCi variant each one is.
 FASTVIT_TRUNKS = {f"fastvit_{variant}": variant for variant in MCI_VARIANTS}
-BATCH_NORM_COUNTER = "num_batches_tracked"
-
-Shapes = dict[str, tuple[int, ...]]
 
 
 def is_mobileclip_tower(image_encoder: Any) -> bool:
@@ -182,21 +189,11 @@ def jax_mobileclip_kwargs(
 # --------------------------------------------------------------------------------------------------
 
 
-def _batch_norm_shapes(key: str, channels: int) -> Shapes:
-    return {
-        f"{key}.weight": (channels,),
-        f"{key}.bias": (channels,),
-        f"{key}.running_mean": (channels,),
-        f"{key}.running_var": (channels,),
-        f"{key}.{BATCH_NORM_COUNTER}": (),
-    }
-
-
 def _conv_bn_shapes(key: str, out_channels: int, in_per_group: int, kernel: int) -> Shapes:
     """timm's ConvNormAct without activation: ``conv`` (bias-free) + ``bn``."""
     return {
         f"{key}.conv.weight": (out_channels, in_per_group, kernel, kernel),
-        **_batch_norm_shapes(f"{key}.bn", out_channels),
+        **batch_norm_shapes(f"{key}.bn", out_channels),
     }
 
 
@@ -228,7 +225,7 @@ def _mobileone_shapes(
     if se_reduced:
         shapes.update(_squeeze_excite_shapes(f"{key}.se", out_channels, se_reduced))
     if in_channels == out_channels and stride == 1:
-        shapes.update(_batch_norm_shapes(f"{key}.identity", out_channels))
+        shapes.update(batch_norm_shapes(f"{key}.identity", out_channels))
     for branch in range(conv_branches):
         shapes.update(
             _conv_bn_shapes(f"{key}.conv_kxk.{branch}", out_channels, in_per_group, kernel)
@@ -279,7 +276,7 @@ def _repmixer_block_shapes(key: str, width: int, hidden: int) -> Shapes:
 
 def _attention_block_shapes(key: str, width: int, hidden: int) -> Shapes:
     return {
-        **_batch_norm_shapes(f"{key}.norm", width),
+        **batch_norm_shapes(f"{key}.norm", width),
         f"{key}.token_mixer.qkv.weight": (3 * width, width),  # no q/k/v bias
         f"{key}.token_mixer.proj.weight": (width, width),
         f"{key}.token_mixer.proj.bias": (width,),

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.export.tree_io import Entries, as_pair, module_field
+from pretrain.export.tree_io import Entries, Shapes, as_pair, batch_norm_shapes, module_field
 
 # models/resnet.py's constants, restated: pretrain/export/ reads models through their fields and
 # parameter trees only.
@@ -50,7 +50,6 @@ OPEN_CLIP_BATCH_NORM_EPS = 1e-5
 STAGES = 4
 
 StateDict = dict[str, np.ndarray]
-Shapes = dict[str, tuple[int, ...]]
 
 
 def is_resnet_tower(image_encoder: Any) -> bool:
@@ -150,16 +149,6 @@ def _conv_shapes(key: str, out_channels: int, in_channels: int, kernel: int) -> 
     return {f"{key}.weight": (out_channels, in_channels, kernel, kernel)}
 
 
-def _batch_norm_shapes(key: str, channels: int) -> Shapes:
-    return {
-        f"{key}.weight": (channels,),
-        f"{key}.bias": (channels,),
-        f"{key}.running_mean": (channels,),
-        f"{key}.running_var": (channels,),
-        f"{key}.num_batches_tracked": (),
-    }
-
-
 def resnet_state_dict_shapes(
     image_encoder: Mapping[str, Any], image_size: tuple[int, int], prefix: str = "visual."
 ) -> Shapes:
@@ -169,7 +158,7 @@ def resnet_state_dict_shapes(
     stem = ((width // 2, 3), (width // 2, width // 2), (width, width // 2))
     for index, (out_channels, in_channels) in enumerate(stem, start=1):
         shapes.update(_conv_shapes(f"{prefix}conv{index}", out_channels, in_channels, 3))
-        shapes.update(_batch_norm_shapes(f"{prefix}bn{index}", out_channels))
+        shapes.update(batch_norm_shapes(f"{prefix}bn{index}", out_channels))
     in_channels = width
     for stage, blocks in enumerate(image_encoder["layers"], start=1):
         planes = width * 2 ** (stage - 1)
@@ -181,10 +170,10 @@ def resnet_state_dict_shapes(
                 start=1,
             ):
                 shapes.update(_conv_shapes(f"{block}.conv{conv}", out_c, in_c, kernel))
-                shapes.update(_batch_norm_shapes(f"{block}.bn{conv}", out_c))
+                shapes.update(batch_norm_shapes(f"{block}.bn{conv}", out_c))
             if (stage > 1 and index == 0) or in_channels != out_channels:
                 shapes.update(_conv_shapes(f"{block}.downsample.0", out_channels, in_channels, 1))
-                shapes.update(_batch_norm_shapes(f"{block}.downsample.1", out_channels))
+                shapes.update(batch_norm_shapes(f"{block}.downsample.1", out_channels))
             in_channels = out_channels
     features = feature_width(width)
     grid = image_size[0] // DOWNSAMPLING

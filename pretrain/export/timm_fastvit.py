@@ -57,6 +57,7 @@ import numpy as np
 from models.batchnorm import TORCH_BATCH_NORM_EPS
 from models.mobileclip import MCI_VARIANTS, MobileClipImageTower
 from pretrain.export.tree_io import (
+    BATCH_NORM_COUNTER,
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
     Entries,
@@ -91,7 +92,6 @@ _TOWER_ARGS = {
     "token_mixers": "token_mixers",
     "cls_ratio": "cls_ratio",
 }
-BATCH_NORM_COUNTER = "num_batches_tracked"
 
 # Path segments that differ: Flax's "<name>_<i>" children are timm's "<name>.<i>" list entries.
 _INDEXED = re.compile(r"^(stem|stages|blocks|conv_kxk|proj)_(\d+)$")

@@ -21,6 +21,10 @@ TIMM_WEIGHTS_FILE_NAME = "model.safetensors"
 TIMM_CONFIG_FILE_NAME = "config.json"
 
 StateDict = dict[str, np.ndarray]
+# Expected PyTorch state-dict entries: key -> shape.
+Shapes = dict[str, tuple[int, ...]]
+# PyTorch BatchNorm's buffer counting its updates (timm's and open_clip's state dicts carry it).
+BATCH_NORM_COUNTER = "num_batches_tracked"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,6 +136,17 @@ def mlp_ratio_for(width: int, mlp_dim: int) -> float:
 # Linear and LayerNorm (Flax Dense ``kernel`` (in, out) <-> torch Linear ``weight`` (out, in);
 # Flax LayerNorm ``scale`` <-> torch ``weight``)
 # --------------------------------------------------------------------------------------------------
+
+
+def batch_norm_shapes(key: str, channels: int) -> Shapes:
+    """The state-dict entries of a PyTorch BatchNorm2d named ``key``."""
+    return {
+        f"{key}.weight": (channels,),
+        f"{key}.bias": (channels,),
+        f"{key}.running_mean": (channels,),
+        f"{key}.running_var": (channels,),
+        f"{key}.{BATCH_NORM_COUNTER}": (),
+    }
 
 
 def linear_to_torch(entries: Entries, jax: str, torch: str, bias: bool = True) -> StateDict:
