@@ -1,6 +1,6 @@
 """CLIP on a reinforced data set (DataCompDR): real and synthetic captions and the stored
 embeddings of a CLIP teacher ensemble, as MobileCLIP trains (paper 000's quality captions plus
-similarity distillation); pretrain/tasks/reinforced.py.
+similarity distillation); pretrain/components/reinforced_training.py.
 
 Arguments:
   tower=vitb16|mci0|mci1|mci2   the image tower (configs/clip_vitb16.py, configs/clip_towers.py)

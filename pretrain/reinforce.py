@@ -15,7 +15,7 @@ reads ``config.reinforce`` and writes webdataset tar shards that MobileCLIP's re
   (T, D) of the real then the synthetic captions; with several teachers their L2-normalised
   embeddings stand side by side (D = sum of their dimensions), stored as ``storage_dtype``.
 
-``config.reinforce``: ``teachers`` (named teacher specs, see pretrain/tasks/clip_teacher.py: a run
+``config.reinforce``: ``teachers`` (named teacher specs, see pretrain/components/teachers.py: a run
 of this project or open_clip weights), ``ensemble_order`` (their names in the order their
 embeddings stand side by side; default: sorted), ``source`` (a data
 source config, see pretrain/data/image_text.py), ``output_dir``, ``samples_per_shard``,
@@ -46,10 +46,10 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from models.two_tower import TwoTowerModel
+from pretrain.components.runs import restore_run_variables
+from pretrain.components.teachers import build_teacher
 from pretrain.data import image_text, pipeline, transforms, webdataset
 from pretrain.data.tokenizer import ClipTokenizer
-from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
-from pretrain.tasks.clip_teacher import build_teacher, restore_run_variables
 
 MANIFEST = "reinforcement.json"
 SHARD_PATTERN = "reinforced-%05d.tar"
@@ -89,10 +89,9 @@ class LoadedTeacher:
 def _open_clip_teacher(name: str, spec: ConfigDict) -> LoadedTeacher:
     teacher = build_teacher(spec)
     model, dtype = teacher.model, teacher.dtype
-    mean, std = jnp.asarray(CLIP_MEAN), jnp.asarray(CLIP_STD)
 
     def encode_images(params: Any, images_uint8: jax.Array) -> jax.Array:
-        images = ((images_uint8.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+        images = transforms.normalize(images_uint8).astype(dtype)
         embeds, _ = model.apply({"params": params}, images, method=TwoTowerModel.encode_image)
         return embeds.astype(jnp.float32)
 

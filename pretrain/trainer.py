@@ -33,7 +33,7 @@ from pretrain import sharding
 from pretrain.checkpoint import Checkpointer
 from pretrain.metrics import MetricWriter, format_duration
 from pretrain.optim import make_optimizer
-from pretrain.tasks.base import Task, build_task
+from pretrain.task import Task, build_task
 
 State = dict[str, Any]
 

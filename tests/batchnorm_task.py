@@ -12,8 +12,8 @@ import optax
 from ml_collections import ConfigDict
 
 from configs.catlip_transfer import get_config as transfer_config
+from pretrain import task as base
 from pretrain.data import image_text
-from pretrain.tasks import base
 
 SEEN_MODEL_STATES: list[Any] = []  # what evaluate() received, for the tests to inspect
 

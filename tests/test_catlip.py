@@ -14,7 +14,8 @@ import tiny_transfer_config
 from wordnet_env import require_wordnet
 
 from pretrain import sharding, trainer
-from pretrain.data import pipeline, synthetic_scenes, transfer_init
+from pretrain.components import transfer_init
+from pretrain.data import pipeline, synthetic_scenes
 from pretrain.data.synset_labels import CaptionLabeler
 from pretrain.tasks import catlip, classify
 

@@ -28,10 +28,10 @@ from torch_env import require_torch_env, run_torch_script
 from models.text import TextTransformer
 from models.two_tower import TwoTowerModel
 from models.vit import VisionTransformer, eva02_variant
+from pretrain.components.teachers import build_teacher
 from pretrain.export import open_clip as export
 from pretrain.export import timm_eva, timm_trunks
 from pretrain.export.open_clip_configs import OPEN_CLIP_MODEL_CONFIGS
-from pretrain.tasks.clip_teacher import build_teacher
 
 TEXT = {
     "width": 32,

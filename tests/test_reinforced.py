@@ -23,12 +23,13 @@ from configs import clip_reinforced
 from losses.distill import ReinforcedLossWeights
 from models.two_tower import TwoTowerModel
 from pretrain import reinforce, sharding, trainer
+from pretrain.components.runs import restore_run_variables
+from pretrain.components.teachers import build_teacher
 from pretrain.data import image_text, scenes, synthetic_scenes, transforms, webdataset
 from pretrain.data.pipeline import Reinforcement, image_text_dataset
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.tasks.clip import Task as ClipTask
-from pretrain.tasks.clip_teacher import build_teacher, restore_run_variables
 
 # ------------------------------------------------------------------- the embedded scenes ----
 

@@ -1,5 +1,5 @@
-"""Tests of CatLIP Transfer Init (pretrain/data/transfer_init.py) against hand-worked WordNet cases
-and a brute-force path-similarity scan."""
+"""Tests of CatLIP Transfer Init (pretrain/components/transfer_init.py) against hand-worked
+WordNet cases and a brute-force path-similarity scan."""
 
 import os
 import random
@@ -22,7 +22,7 @@ def _load_wordnet():
 
 wn = _load_wordnet()
 
-from pretrain.data import transfer_init as ti  # noqa: E402
+from pretrain.components import transfer_init as ti  # noqa: E402
 
 
 def _fallback_word_synset(word: str) -> str | None:

@@ -11,8 +11,8 @@ from models.two_tower import TwoTowerModel
 from models.vit import resize_position_grid
 from pretrain import sharding, trainer
 from pretrain.data import masking
+from pretrain.data.transforms import normalize_unit
 from pretrain.tasks.uta import Task as UtaTask
-from pretrain.tasks.uta import normalize_unit_images
 
 
 def one_device_mesh():
@@ -52,11 +52,11 @@ def test_teacher_tokens_follow_the_student_grid(teacher_workdir):
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
     # Same grid (student 32 px / 8 = teacher 32 px / 8): exactly the teacher's projected tokens.
     tokens = task.teacher_tokens(teacher_params, images)
-    from pretrain.tasks.uta import normalize_unit_images
+    from pretrain.data.transforms import normalize_unit
 
     _, reference = task.teacher.model.apply(
         {"params": teacher_params},
-        normalize_unit_images(images),
+        normalize_unit(images),
         method=TwoTowerModel.encode_image,
     )
     np.testing.assert_allclose(tokens, reference["projected_tokens"], rtol=1e-5, atol=1e-6)
@@ -97,9 +97,7 @@ def test_loss_aligns_each_kept_token_with_the_teacher_token_at_its_position(teac
     # Independent reference: the student on the kept tokens, the teacher on the whole image,
     # matched by position in NumPy.
     unit = images.astype(np.float32) / 255
-    _, student = task.student.apply(
-        {"params": params}, normalize_unit_images(unit), keep_indices=keep
-    )
+    _, student = task.student.apply({"params": params}, normalize_unit(unit), keep_indices=keep)
     teacher = np.asarray(task.teacher_tokens(frozen["teacher"], unit))
     cosines = []
     for b in range(4):

@@ -26,9 +26,6 @@ from PIL import Image
 # OpenAI CLIP's normalisation (also open_clip's default for CLIP and most ViT recipes).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# SigLIP / big_vision ("inception" style, to [-1, 1]).
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 _BICUBIC = Image.Resampling.BICUBIC
 
@@ -247,18 +244,17 @@ def resize_center_crop(image: ImageLike, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- model side
 
 
-def normalize(
-    images: Any,
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
-    dtype: Any = np.float32,
-) -> Any:
-    """``(images / 255 - mean) / std`` over the last (channel) axis; NumPy or JAX arrays.
+def unit_images(images_uint8: Any) -> Any:
+    """uint8 RGB -> float32 in [0, 1] (NumPy or JAX arrays)."""
+    return images_uint8.astype(np.float32) / 255.0
 
-    Works on ``jax.Array`` inside jit without importing JAX here: only array methods and
-    operators are used, and NumPy constants broadcast into JAX arrays.
-    """
-    mean = np.asarray(mean, dtype=np.float32)
-    inverse_std = 1.0 / np.asarray(std, dtype=np.float32)
-    scaled = images.astype(dtype) * np.float32(1.0 / 255.0)
-    return ((scaled - mean) * inverse_std).astype(dtype)
+
+def normalize_unit(images: Any) -> Any:
+    """Float images in [0, 1] -> CLIP's normalisation ``(images - mean) / std`` over the channel
+    axis; NumPy arrays, or JAX arrays inside jit (only operators are used)."""
+    return (images - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+def normalize(images_uint8: Any) -> Any:
+    """uint8 RGB -> the float32 input of every tower of this project (CLIP's normalisation)."""
+    return normalize_unit(unit_images(images_uint8))

@@ -8,7 +8,7 @@ classifier is trained with binary cross-entropy summed over classes and averaged
 batch (losses/bce.py).
 
 Evaluation without any training on the target: the classifier's columns are mapped to each
-evaluation set's classes by Transfer Init (pretrain/data/transfer_init.py: exact synset, similar
+evaluation set's classes by Transfer Init (pretrain/components/transfer_init.py: exact, similar
 synset, or the mean of a composed name's synsets) and the set is classified with that head
 (``<set>/transfer_init_top1``): CatLIP's counterpart of CLIP's zero-shot accuracy. Linear probing
 and fine-tuning, with Transfer Init or random heads, are the ``classify`` task
@@ -37,14 +37,16 @@ from ml_collections import ConfigDict
 from losses.bce import multilabel_bce_loss
 from models.heads import ImageClassifier
 from pretrain import sharding
-from pretrain.data import catlip_vocab, image_text, transfer_init
+from pretrain import task as base
+from pretrain.components import transfer_init
+from pretrain.components.modules import build_module
+from pretrain.components.range_augment import RangeAugmentation
+from pretrain.data import catlip_vocab, image_text
 from pretrain.data.synset_labels import CaptionLabeler
+from pretrain.data.transforms import normalize, normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
 from pretrain.evaluate.classification import ClassificationEvaluator
 from pretrain.export import timm_vit
-from pretrain.tasks import base
-from pretrain.tasks.range_augment import RangeAugmentStage
-from pretrain.tasks.uta import normalize_unit_images
 
 VOCABULARY_FILE = "vocabulary.tsv"
 
@@ -113,7 +115,7 @@ class Task(base.Task):
         model = config.model
         dtype = jnp.dtype(model.dtype)
         self.model = ImageClassifier(
-            image_encoder=base.build_module(
+            image_encoder=build_module(
                 model.image,
                 output_dim=None,  # the classifier reads the pooled, normed class token
                 dtype=dtype,
@@ -125,7 +127,7 @@ class Task(base.Task):
             param_dtype=jnp.dtype(model.param_dtype),
         )
         self.image_size = int(config.data.image_size)
-        self.range_augment = RangeAugmentStage.from_config(config)
+        self.range_augment = RangeAugmentation.from_config(config)
         self._evaluator: ClassificationEvaluator | None = None
         self._matches: dict[str, list[transfer_init.ClassMatch]] = {}
 
@@ -142,14 +144,14 @@ class Task(base.Task):
     def _unit_logits(self, params: Any, images: jax.Array) -> jax.Array:
         """Logits of float images in [0, 1]."""
         model_params = {k: v for k, v in params.items() if k != "range_augment"}
-        logits, _ = self.model.apply({"params": model_params}, normalize_unit_images(images))
+        logits, _ = self.model.apply({"params": model_params}, normalize_unit(images))
         return logits
 
     def logits(self, params: Any, images_uint8: jax.Array) -> jax.Array:
-        return self._unit_logits(params, images_uint8.astype(jnp.float32) / 255.0)
+        return self._unit_logits(params, unit_images(images_uint8))
 
     def features(self, params: Any, images_uint8: jax.Array) -> jax.Array:
-        images = normalize_unit_images(images_uint8.astype(jnp.float32) / 255.0)
+        images = normalize(images_uint8)
         model_params = {k: v for k, v in params.items() if k != "range_augment"}
         features, _ = self.model.apply(
             {"params": model_params}, images, method=ImageClassifier.features
@@ -160,7 +162,7 @@ class Task(base.Task):
         self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
     ) -> tuple[jax.Array, base.Metrics]:
         del frozen
-        images = batch["image"].astype(jnp.float32) / 255.0
+        images = unit_images(batch["image"])
         if self.range_augment is not None:
             images, augment_mse = self.range_augment.augment(params, images, rng)
         logits = self._unit_logits(params, images)

@@ -10,8 +10,8 @@ set's classes (``data.train`` with ``classnames``):
 * ``"finetune"``: tower and classifier train together (Table 7 (b)).
 
 ``transfer.head_init="transfer"`` initialises the classifier by Transfer Init from a CatLIP run's
-synset classifier (pretrain/data/transfer_init.py: exact synset, similar synset, mean of a composed
-name's synsets, else random; the counts are logged), ``"random"`` as usual. Loss: softmax
+synset classifier (pretrain/components/transfer_init.py: exact synset, similar synset, mean of a
+composed name's synsets, else random; the counts are logged), ``"random"`` as usual. Loss: softmax
 cross-entropy with label smoothing (Appendix A) over the global batch. Evaluation: top-1 / top-5
 on ``config.eval.sets``. Export: the tower and the classifier in timm's vision_transformer layout.
 """
@@ -31,45 +31,23 @@ from ml_collections import ConfigDict
 from losses.classification import softmax_cross_entropy_loss
 from models.heads import ClassifierHead
 from pretrain import sharding
-from pretrain.data import image_text, transfer_init
+from pretrain import task as base
+from pretrain.components import transfer_init
+from pretrain.components.modules import build_module
+from pretrain.components.pretrained_tower import (
+    image_tower_params,
+    image_tower_spec,
+    matching_subtree,
+)
+from pretrain.components.runs import restore_run, run_config
+from pretrain.data import image_text
+from pretrain.data.transforms import normalize
 from pretrain.evaluate import image_text_eval
 from pretrain.evaluate.classification import ClassificationEvaluator
 from pretrain.export import timm_vit
-from pretrain.tasks import base
-from pretrain.tasks.clip_teacher import restore_run, run_config
-from pretrain.tasks.uta import normalize_unit_images
 
 MODES = ("linear_probe", "finetune")
 HEAD_INITS = ("transfer", "random")
-
-
-def image_tower_spec(pretrained_config: ConfigDict) -> ConfigDict:
-    """The image tower entry of a pretraining recipe (CLIP/CatLIP: model.image, UTA: student)."""
-    model = pretrained_config.model
-    for name in ("image", "student"):
-        if name in model:
-            return model[name]
-    raise ValueError(f"the pretrained recipe's model has no image tower: {sorted(model.keys())}")
-
-
-def image_tower_params(params: Any) -> Any:
-    """The tower's subtree of a pretrained run's parameters."""
-    return params.get("image_encoder", params)
-
-
-def matching_subtree(params: Any, template: Any, path: str = "") -> Any:
-    """``params`` restricted to the keys of ``template`` (a pretrained CLIP tower's projection is
-    not used by the classifier), with a clear error for a missing or misshapen entry."""
-    if isinstance(template, dict):
-        missing = sorted(set(template) - set(params))
-        if missing:
-            raise ValueError(f"pretrained tower lacks {[f'{path}{k}' for k in missing]}")
-        return {k: matching_subtree(params[k], v, f"{path}{k}/") for k, v in template.items()}
-    if np.shape(params) != tuple(template.shape):
-        raise ValueError(
-            f"pretrained {path[:-1]} has shape {np.shape(params)}, the tower {template.shape}"
-        )
-    return np.asarray(params, template.dtype)
 
 
 class Task(base.Task):
@@ -86,7 +64,7 @@ class Task(base.Task):
         pretrained = transfer.pretrained
         self.pretrained_config = run_config(pretrained.workdir, pretrained.get("config", ""))
         dtype = jnp.dtype(config.model.dtype)
-        self.encoder = base.build_module(
+        self.encoder = build_module(
             image_tower_spec(self.pretrained_config),
             output_dim=None,
             dtype=dtype,
@@ -182,7 +160,7 @@ class Task(base.Task):
 
     def logits(self, params: Any, images_uint8: jax.Array, frozen: Any = None) -> jax.Array:
         tower = params["image_encoder"] if self.mode == "finetune" else frozen["image_encoder"]
-        images = normalize_unit_images(images_uint8.astype(jnp.float32) / 255.0)
+        images = normalize(images_uint8)
         features, _ = self.encoder.apply({"params": tower}, images)
         if self.mode == "linear_probe":
             features = jax.lax.stop_gradient(features)

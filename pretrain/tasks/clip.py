@@ -15,108 +15,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 from ml_collections import ConfigDict
 
 from losses.contrastive import clip_loss
 from losses.sigmoid import sigmoid_loss, sigmoid_loss_ring
-from models.two_tower import (
-    CLIP_LOGIT_SCALE_INIT,
-    SIGLIP_LOGIT_BIAS_INIT,
-    SIGLIP_LOGIT_SCALE_INIT,
-    TwoTowerModel,
-)
+from models.two_tower import TwoTowerModel
 from pretrain import sharding
+from pretrain import task as base
+from pretrain.components.range_augment import RangeAugmentation
+from pretrain.components.reinforced_training import ReinforcedTraining, prepare_reinforced_data
+from pretrain.components.runs import run_params
+from pretrain.components.teachers import build_teacher
+from pretrain.components.two_tower import (
+    BATCH_STATS,
+    build_two_tower,
+    check_same_tower,
+    model_variables,
+)
 from pretrain.data import image_text
-from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from pretrain.data.transforms import normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
 from pretrain.export import open_clip, open_clip_mobileclip, timm_eva
-from pretrain.tasks import base
-from pretrain.tasks.clip_teacher import build_teacher, run_params
-from pretrain.tasks.range_augment import RangeAugmentStage
-from pretrain.tasks.reinforced import ReinforcedStage
-
-# Flax's collection of BatchNorm running statistics (the train state's "model_state").
-BATCH_STATS = "batch_stats"
-
-
-def model_variables(params: Any, model_state: Any) -> dict[str, Any]:
-    """Flax variables of the two-tower model: parameters (+ BatchNorm statistics if any)."""
-    return (
-        {"params": params} if model_state is None else {"params": params, BATCH_STATS: model_state}
-    )
-
 
 LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
 # open_clip clamps the learned temperature so that the logit scale never exceeds 100.
 MAX_LOG_LOGIT_SCALE = math.log(100.0)
-
-
-def build_two_tower(model_config: ConfigDict, loss_name: str) -> TwoTowerModel:
-    """The CLIP/SigLIP model described by ``config.model``."""
-    common = {
-        "output_dim": int(model_config.embed_dim),
-        "dtype": jnp.dtype(model_config.dtype),
-        "param_dtype": jnp.dtype(model_config.param_dtype),
-        "remat_policy": model_config.remat_policy,
-    }
-    sigmoid = loss_name.startswith("sigmoid")
-    return TwoTowerModel(
-        image_encoder=base.build_module(model_config.image, **common),
-        text_encoder=base.build_module(model_config.text, **common),
-        logit_scale_init=SIGLIP_LOGIT_SCALE_INIT if sigmoid else CLIP_LOGIT_SCALE_INIT,
-        logit_bias_init=SIGLIP_LOGIT_BIAS_INIT if sigmoid else None,
-    )
-
-
-# Fields of a tower that change what its weights compute (not only their shapes).
-TOWER_FIELDS = (
-    "width",
-    "depth",
-    "num_heads",
-    "mlp_dim",
-    "vocab_size",
-    "context_length",
-    "output_dim",
-    "causal",
-    "activation",
-    "layer_norm_eps",
-)
-
-
-def check_same_tower(source: Any, target: Any, name: str) -> None:
-    """Weights of ``source`` may initialise ``target``: same architecture, not only same shapes."""
-    differences = [
-        f"{field}: {getattr(source, field)!r} vs {getattr(target, field)!r}"
-        for field in TOWER_FIELDS
-        if hasattr(source, field) and getattr(source, field) != getattr(target, field, None)
-    ]
-    if differences:
-        raise ValueError(
-            f"the {name} tower to initialise from differs from config.model.{name}: "
-            + "; ".join(differences)
-        )
-
-
-def prepare_reinforced_data(config: ConfigDict) -> None:
-    """Make the reinforced shards first when the recipe says so (``reinforce.build_if_missing``,
-    the :runlocal recipes) and they are not complete yet; process 0 makes them (resuming)."""
-    settings = config.get("reinforce")
-    if not settings or not settings.get("build_if_missing"):
-        return
-    from pretrain import reinforce  # the teacher models are needed only here
-
-    if reinforce.is_complete(settings.output_dir):
-        # Made earlier: by this very job (same data, teachers, views), else it is an error.
-        reinforce.check_same_job(Path(settings.output_dir), reinforce.job_description(settings))
-        return
-    if jax.process_index() == 0:
-        logging.info("making the reinforced shards in %s", settings.output_dir)
-        reinforce.reinforce(config)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("reinforced shards made")
 
 
 class Task(base.Task):
@@ -130,9 +54,9 @@ class Task(base.Task):
         self.model = build_two_tower(config.model, self.loss_name)
         self.image_size = int(config.data.image_size)
         self.context_length = int(config.model.text.context_length)
-        self.range_augment = RangeAugmentStage.from_config(config)
+        self.range_augment = RangeAugmentation.from_config(config)
         # Synthetic captions and stored teacher embeddings (DataCompDR), when configured.
-        self.reinforced = ReinforcedStage.from_config(config)
+        self.reinforced = ReinforcedTraining.from_config(config)
         if self.reinforced is not None:
             self.batch_fields = (*Task.batch_fields, *self.reinforced.batch_fields())
         self._evaluator: image_text_eval.ImageTextEvaluator | None = None
@@ -158,7 +82,7 @@ class Task(base.Task):
     ) -> tuple[jax.Array, Any]:
         """Embeddings of float images in [0, 1], normalised with CLIP's mean and std, and the
         BatchNorm statistics (updated from this batch when training)."""
-        normalized = (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+        normalized = normalize_unit(images)
         variables = model_variables(params, model_state)
         if train and model_state is not None:
             (embeds, _), updated = self.model.apply(
@@ -174,7 +98,7 @@ class Task(base.Task):
 
     def encode_images(self, variables: Any, images_uint8: jax.Array) -> jax.Array:
         """Evaluation: ``variables`` = {"params", "model_state"} (see :meth:`evaluate`)."""
-        images = images_uint8.astype(jnp.float32) / 255.0
+        images = unit_images(images_uint8)
         return self._encode_unit_images(variables["params"], images, variables["model_state"])[0]
 
     def encode_texts(self, variables: Any, tokens: jax.Array) -> jax.Array:
@@ -195,7 +119,7 @@ class Task(base.Task):
     def _embed(
         self, params: Any, batch: base.Batch, rng: jax.Array, model_state: Any = None
     ) -> tuple[dict[str, jax.Array], Any]:
-        images = batch["image"].astype(jnp.float32) / 255.0
+        images = unit_images(batch["image"])
         embeddings = {}
         if self.range_augment is not None:
             # The MSE per image, so that exact gradient accumulation carries it like an embedding.
@@ -308,7 +232,7 @@ class Task(base.Task):
 
         ``init.image_from``: {config, workdir, step, subtree} of a run of this project (``subtree``
         "" = its whole parameter tree, e.g. a UTA student; "image_encoder" for a CLIP run);
-        ``init.text_from``: a teacher spec (see pretrain/tasks/clip_teacher.py) whose text tower
+        ``init.text_from``: a teacher spec (see pretrain/components/teachers.py) whose text tower
         is taken.
         """
         init = self.config.get("init")

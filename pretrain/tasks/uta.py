@@ -28,12 +28,13 @@ from ml_collections import ConfigDict
 from losses.alignment import token_alignment_loss
 from models.two_tower import TwoTowerModel, l2_normalize
 from pretrain import sharding
+from pretrain import task as base
+from pretrain.components.modules import build_module
+from pretrain.components.teachers import build_teacher
 from pretrain.data import image_text, masking
-from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from pretrain.data.transforms import normalize, normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
 from pretrain.export import timm_eva
-from pretrain.tasks import base
-from pretrain.tasks.clip_teacher import build_teacher
 
 GRID_MATCHES = ("interpolate_tokens", "resize_input")
 
@@ -53,11 +54,6 @@ class KeepIndices:
         return {"keep_indices": keep.astype(np.int32)}
 
 
-def normalize_unit_images(images: jax.Array) -> jax.Array:
-    """[0, 1] RGB -> CLIP's normalisation (the teachers' and the student's)."""
-    return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-
-
 class Task(base.Task):
     batch_fields = ("image", "keep_indices")
 
@@ -71,7 +67,7 @@ class Task(base.Task):
         if self.grid_match not in GRID_MATCHES:
             raise ValueError(f"teacher.grid_match={self.grid_match!r}; use one of {GRID_MATCHES}")
         model = config.model
-        self.student = base.build_module(
+        self.student = build_module(
             model.student,
             output_dim=self.teacher.embed_dim,
             dtype=jnp.dtype(model.dtype),
@@ -115,7 +111,7 @@ class Task(base.Task):
             )
         _, intermediates = self.teacher.model.apply(
             {"params": teacher_params},
-            normalize_unit_images(images).astype(self.teacher.dtype),
+            normalize_unit(images).astype(self.teacher.dtype),
             method=TwoTowerModel.encode_image,
         )
         tokens = intermediates["projected_tokens"]
@@ -135,10 +131,10 @@ class Task(base.Task):
         self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
     ) -> tuple[jax.Array, base.Metrics]:
         del rng, step
-        images = batch["image"].astype(jnp.float32) / 255.0
+        images = unit_images(batch["image"])
         keep = batch["keep_indices"]
         _, intermediates = self.student.apply(
-            {"params": params}, normalize_unit_images(images), keep_indices=keep
+            {"params": params}, normalize_unit(images), keep_indices=keep
         )
         student = intermediates["projected_tokens"]  # (B, 1 + K, E)
         teacher = self.teacher_tokens(frozen["teacher"], images)
@@ -174,7 +170,7 @@ class Task(base.Task):
 
     def encode_images(self, variables: Any, images_uint8: jax.Array) -> jax.Array:
         """Zero-shot image embedding: the student's projected class token, normalised."""
-        images = normalize_unit_images(images_uint8.astype(jnp.float32) / 255.0)
+        images = normalize(images_uint8)
         embedding, _ = self.student.apply({"params": variables["student"]}, images)
         return l2_normalize(embedding)
 

@@ -1,5 +1,5 @@
 """Reinforced (DataCompDR-style) CLIP training: synthetic captions and a teacher ensemble's stored
-embeddings, as paper 000 and MobileCLIP train. The CLIP task uses this stage when
+embeddings, as paper 000 and MobileCLIP train. The CLIP task trains this way when
 ``config.reinforced.enabled``.
 
 Each training example carries, besides its image and a real caption, one synthetic caption
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -37,7 +40,7 @@ TEACHER_FIELDS = ("teacher_image", "teacher_text", "teacher_synthetic_text")
 
 
 @dataclasses.dataclass(frozen=True)
-class ReinforcedStage:
+class ReinforcedTraining:
     """What reinforced training adds to the CLIP task: batch fields and the loss."""
 
     weights: ReinforcedLossWeights
@@ -47,7 +50,7 @@ class ReinforcedStage:
     teacher_logit_scale: float
 
     @classmethod
-    def from_config(cls, config: ConfigDict) -> ReinforcedStage | None:
+    def from_config(cls, config: ConfigDict) -> ReinforcedTraining | None:
         section = config.get("reinforced")
         if not section or not section.get("enabled"):
             return None
@@ -143,3 +146,22 @@ class ReinforcedStage:
             out_specs=PartitionSpec(),
         )
         return sharded(student, scale, teacher)
+
+
+def prepare_reinforced_data(config: ConfigDict) -> None:
+    """Make the reinforced shards first when the recipe says so (``reinforce.build_if_missing``,
+    the :runlocal recipes) and they are not complete yet; process 0 makes them (resuming)."""
+    settings = config.get("reinforce")
+    if not settings or not settings.get("build_if_missing"):
+        return
+    from pretrain import reinforce  # the teacher models are needed only here
+
+    if reinforce.is_complete(settings.output_dir):
+        # Made earlier: by this very job (same data, teachers, views), else it is an error.
+        reinforce.check_same_job(Path(settings.output_dir), reinforce.job_description(settings))
+        return
+    if jax.process_index() == 0:
+        logging.info("making the reinforced shards in %s", settings.output_dir)
+        reinforce.reinforce(config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("reinforced shards made")

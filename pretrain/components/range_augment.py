@@ -24,7 +24,7 @@ def _psnr(mse: jax.Array) -> jax.Array:
     return 20 * jnp.log10(255.0) - 10 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-class RangeAugmentStage:
+class RangeAugmentation:
     """Build with :func:`from_config` (None when disabled)."""
 
     def __init__(self, settings: ConfigDict, total_steps: int):
@@ -33,7 +33,7 @@ class RangeAugmentStage:
         self.module = RangeAugment(tuple(settings.operations))
 
     @classmethod
-    def from_config(cls, config: ConfigDict) -> RangeAugmentStage | None:
+    def from_config(cls, config: ConfigDict) -> RangeAugmentation | None:
         settings = config.get("range_augment")
         if not settings or not settings.enabled:
             return None

@@ -19,8 +19,6 @@ variables of the student's train state.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 from ml_collections import ConfigDict
 
 from models.text import TextTransformer
 from models.two_tower import TwoTowerModel
 from models.vit import VisionTransformer
+from pretrain.components.modules import build_module
+from pretrain.components.runs import run_config, run_params
+from pretrain.components.two_tower import build_two_tower
 from pretrain.export import open_clip
 from pretrain.export.open_clip_configs import open_clip_model_config_by_name
-from pretrain.tasks import base
 
 SOURCES = ("workdir", "open_clip")
-
-
-def load_recipe(spec: str) -> ConfigDict:
-    """``"configs/clip_vitb16.py:runlocal"`` -> that file's ``get_config("runlocal")``."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location(f"teacher_recipe_{Path(path).stem}", path)
-    if module_spec is None or not Path(path).is_file():
-        raise FileNotFoundError(f"teacher recipe {path!r} not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -90,63 +78,6 @@ class Teacher:
                 self.config.open_clip_dir, open_clip_teacher_config(self.config)
             )
         return _cast(params, self.dtype)
-
-
-def run_config(workdir: str, recipe_spec: str = "") -> ConfigDict:
-    """The config a run of this project was trained with: its saved ``config.json`` (with the
-    run's command-line overrides), else the recipe ``recipe_spec`` names."""
-    saved = epath.Path(workdir) / "config.json" if workdir else None
-    if saved is not None and saved.exists():
-        return ConfigDict(json.loads(saved.read_text()))
-    if not recipe_spec:
-        raise FileNotFoundError(f"no config.json in {workdir!r} and no recipe given")
-    return load_recipe(recipe_spec)
-
-
-def restore_run_variables(
-    recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
-) -> tuple[base.Task, Any, Any]:
-    """``(task, params, model_state)`` (host arrays) of a run of this project; ``model_state``
-    holds BatchNorm statistics (ResNet, MCi towers), else None. ``step`` is "best" | "latest" |
-    a number; ``use_ema`` picks the EMA weights (None: the EMA when the run kept one)."""
-    # Imported here: the trainer imports the task modules' base, not the other way round.
-    from pretrain import sharding, trainer
-
-    if not workdir:
-        raise ValueError(f"no workdir given for the run of {recipe_spec!r} to load weights from")
-    recipe = run_config(workdir, recipe_spec)
-    task, state = trainer.restore_trained(recipe, workdir, str(step))
-    if use_ema is None:
-        use_ema = "ema_params" in state
-    key = "ema_params" if use_ema else "params"
-    if key not in state:
-        raise ValueError(f"the run in {workdir} kept no EMA parameters (ema_decay was off)")
-    state_key = "ema_model_state" if use_ema else "model_state"
-    mesh = sharding.make_mesh(recipe.mesh)
-    # Gather every shard (from every host) into whole arrays first.
-    gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
-    params = jax.device_get(gather(state[key]))
-    model_state = state.get(state_key)
-    if model_state is not None:
-        model_state = jax.device_get(gather(model_state))
-    # Training-only parameters (RangeAugment's ranges) are not part of the model.
-    return task, {k: v for k, v in params.items() if k != "range_augment"}, model_state
-
-
-def restore_run(
-    recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
-) -> tuple[base.Task, Any]:
-    """The task and parameters (host arrays) of a run of this project (see
-    :func:`restore_run_variables`)."""
-    task, params, _ = restore_run_variables(recipe_spec, workdir, step, use_ema)
-    return task, params
-
-
-def run_params(
-    recipe_spec: str, workdir: str, step: str = "best", use_ema: bool | None = None
-) -> Any:
-    """The parameters of a run of this project (see :func:`restore_run`)."""
-    return restore_run(recipe_spec, workdir, step, use_ema)[1]
 
 
 def _params_from_workdir(teacher_config: ConfigDict) -> Any:
@@ -191,13 +122,11 @@ def build_teacher(teacher_config: ConfigDict) -> Teacher:
     common = {"dtype": dtype, "param_dtype": dtype}
     source = teacher_config.source
     if source == "workdir":
-        from pretrain.tasks.clip import build_two_tower
-
         recipe = run_config(teacher_config.get("workdir", ""), teacher_config.config)
         recipe.model.update({"dtype": str(dtype.name), "param_dtype": str(dtype.name)})
         image_size = int(recipe.data.image_size)
         # Position embeddings stay those of training; other input sizes resize them.
-        patch = base.build_module(recipe.model.image).patch_size
+        patch = build_module(recipe.model.image).patch_size
         recipe.model.image.pos_embed_grid = image_size // patch
         model = build_two_tower(recipe.model, recipe.loss.name)
         context_length = int(recipe.model.text.context_length)
