@@ -16,9 +16,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from ml_collections import ConfigDict
 from orbax.checkpoint import checkpoint_managers
 
 
@@ -75,6 +77,18 @@ class Checkpointer:
             },
         )
 
+    @classmethod
+    def for_workdir(cls, config: ConfigDict, workdir: str) -> Checkpointer:
+        """The checkpoints of a run: ``WORKDIR/checkpoints`` with ``config.checkpoint``'s policy."""
+        settings = config.checkpoint
+        return cls(
+            os.path.join(workdir, "checkpoints"),
+            keep=int(settings.get("keep", 3)),
+            best_metric=settings.get("best_metric") or None,
+            best_mode=settings.get("best_mode", "max"),
+            async_save=bool(settings.get("async_save", True)),
+        )
+
     @property
     def directory(self) -> str:
         return str(self._manager.directory)
@@ -99,8 +113,29 @@ class Checkpointer:
         pick = max if self.best_mode == "max" else min
         return pick(scored)[1]
 
+    def resolve_step(self, step: str) -> int:
+        """The saved step a user names: "latest", "best" or a number."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step == "latest":
+            return max(steps)
+        if step == "best":
+            best = self.best_step()
+            if best is None:
+                raise ValueError(
+                    "no checkpoint has the best-metric value (set checkpoint.best_metric)"
+                )
+            return best
+        if not step.isdigit() or int(step) not in steps:
+            raise ValueError(f"checkpoint step {step!r} not found; available: {sorted(steps)}")
+        return int(step)
+
     def reached_preemption(self, step: int) -> bool:
-        """Multi-host preemption notice from the JAX coordination service."""
+        """Multi-host preemption notice from the JAX coordination service (single-process runs
+        watch SIGTERM themselves: pretrain/preemption.py)."""
+        if jax.process_count() == 1:
+            return False
         return bool(self._manager.reached_preemption(step))
 
     def save(

@@ -4,7 +4,7 @@ Fields of the config can be overridden with ``--config.<field>=<value>``; an unk
 start-up with its name. Running again with the same workdir resumes from its last checkpoint.
 With the same config and workdir:
   --mode=evaluate [--step=best] [--ema]     evaluate a saved checkpoint
-  --mode=export [--export_dir=DIR]          write it in PyTorch form (open_clip for CLIP)
+  --mode=export [--export_dir=DIR]          write it in the task's PyTorch form (open_clip, timm)
   --mode=compile                            compile one sharded step, no data: does it fit?
 """
 
@@ -55,18 +55,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     # Imported here so that --help is fast and the distributed runtime starts before JAX does.
-    from pretrain import trainer
+    from pretrain import distributed, modes, trainer
 
     config = _CONFIG.value
-    trainer.maybe_initialize_distributed(config)
+    distributed.maybe_initialize_distributed(config)
     workdir = resolve_workdir(_WORKDIR.value)
     if _MODE.value == "compile":
-        trainer.compile_train_step(config)
+        modes.compile_train_step(config)
     elif _MODE.value == "evaluate":
-        trainer.evaluate_checkpoint(config, workdir, _STEP.value, _EMA.value)
+        modes.evaluate_checkpoint(config, workdir, _STEP.value, _EMA.value)
     elif _MODE.value == "export":
         directory = _EXPORT_DIR.value or os.path.join(workdir, "export", _STEP.value)
-        trainer.export_checkpoint(config, workdir, directory, _STEP.value, _EMA.value)
+        modes.export_checkpoint(config, workdir, directory, _STEP.value, _EMA.value)
     else:
         logging.info("config:\n%s", config)
         trainer.train_and_evaluate(config, workdir)

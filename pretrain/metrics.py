@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -26,15 +25,6 @@ from etils import epath
 
 CSV_FIELDS = ("step", "name", "value", "wall_time")
 Row = tuple[int, str, str, str]
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def tensorboard_tag(name: str) -> str:

@@ -1,33 +1,23 @@
-"""Optimizers and learning-rate schedule from the config.
+"""Optimizers and learning-rate schedule from ``config.optimizer`` / ``config.schedule``.
 
-The CLIP recipe (paper 000, Table 11): AdamW with betas (0.9, 0.95), weight decay 0.2, peak lr 1e-3
-after 2k linear warm-up steps, cosine decay to 1e-6. Weight decay skips biases and 1-D parameters
-(LayerNorm scales, class embedding, logit scale), as open_clip does; more names can be excluded
-with ``optimizer.no_decay_patterns`` (regexes searched in the parameter's path, e.g.
-:data:`EMBEDDING_NO_DECAY_PATTERNS` for UTA's "no weight decay on position and class embeddings").
-
-UTA's contrastive fine-tuning (paper 004, following EVA-CLIP) adds:
-
-* LAMB (``optimizer.name = "lamb"``): Adam's bias-corrected direction plus decoupled weight decay,
-  rescaled per parameter array by the trust ratio ``|w| / |update|``, clamped to
-  ``[optimizer.min_trust, optimizer.max_trust]`` ([0.01, 10] is DeepSpeed's FusedLamb
-  min_coeff/max_coeff, which EVA-CLIP trains with; unset: no clamp, i.e. optax's LAMB). A ratio
-  is 1 where either norm is 0 (e.g. zero-initialised biases), as in the LAMB reference codes.
-  ``optimizer.trust_ratio_for_no_decay`` (default True: the LAMB paper, optax and FusedLamb
-  apply the ratio to every parameter) False skips it on parameters without weight decay.
-* Layer-wise learning-rate decay (``optimizer.layer_decay`` for the image tower,
-  ``optimizer.text_layer_decay`` for the text tower; None or absent: off): a parameter of layer
-  ``i`` of a tower with ``L`` blocks has its update multiplied by ``decay ** (L + 1 - i)``
-  (EVA-CLIP's rule), where the embeddings (patch/token embedding, class and position embeddings,
-  ``ln_pre``) are layer 0, block ``k`` is layer ``k + 1`` and everything after the blocks (final
-  norm, projection, head) is layer ``L + 1`` (multiplier 1). ``L`` is read off the parameter tree
-  (1 + the largest block index). Parameters outside both towers (logit scale, RangeAugment's
-  ranges) keep multiplier 1. Scaling the final update equals scaling the learning rate of that
-  parameter (weight decay included), as PyTorch's per-group ``lr_scale`` does. The text tower gets
-  its own rate because in UTA fine-tuning it is the teacher's pretrained text tower, not the
-  UTA-trained image tower (EVA-CLIP has separate ``visual_ld`` and ``text_ld`` for the same
-  reason). Which names are towers, embeddings and blocks is configurable by regexes in
-  ``optimizer.layer_decay_patterns`` (keys of :data:`DEFAULT_LAYER_DECAY_PATTERNS`).
+* AdamW (``name="adamw"``) with linear warm-up and cosine decay. Weight decay skips biases and 1-D
+  parameters (norm scales, class embedding, logit scale), as open_clip does; more names can be
+  excluded with ``no_decay_patterns`` (regexes searched in the parameter's path, e.g.
+  :data:`EMBEDDING_NO_DECAY_PATTERNS` for position and class embeddings).
+* LAMB (``name="lamb"``): Adam's bias-corrected direction plus decoupled weight decay, rescaled
+  per parameter array by the trust ratio ``|w| / |update|``, clamped to ``[min_trust,
+  max_trust]`` ([0.01, 10] is DeepSpeed's FusedLamb, which EVA-CLIP trains with; unset: no clamp,
+  optax's LAMB). A ratio is 1 where either norm is 0 (zero-initialised biases), as in the LAMB
+  reference codes; ``trust_ratio_for_no_decay=False`` skips it on parameters without decay.
+* Layer-wise learning-rate decay (``layer_decay`` for the image tower, ``text_layer_decay`` for
+  the text tower, e.g. a pretrained text tower fine-tuned beside a freshly trained image tower;
+  None: off): a parameter of layer ``i`` of a tower with ``L`` blocks has its update multiplied by
+  ``decay ** (L + 1 - i)`` (EVA-CLIP's rule). Embeddings and ``ln_pre`` are layer 0, block ``k``
+  is layer ``k + 1``, everything after the blocks is layer ``L + 1``; ``L`` is read off the
+  parameter tree; parameters outside both towers keep multiplier 1. Scaling the update equals
+  scaling that parameter's learning rate (weight decay included), as PyTorch's per-group
+  ``lr_scale`` does. Which names are towers, embeddings and blocks: regexes in
+  ``layer_decay_patterns`` (keys of :data:`DEFAULT_LAYER_DECAY_PATTERNS`).
 """
 
 from __future__ import annotations
@@ -59,7 +49,7 @@ __all__ = [
     "weight_decay_mask",
 ]
 
-# UTA / EVA-CLIP: no weight decay on position and class embeddings (2-D position embeddings are
+# EVA-CLIP's recipes: no weight decay on position and class embeddings (2-D position embeddings are
 # not caught by the 1-D rule). Both this project's names and timm/EVA names.
 EMBEDDING_NO_DECAY_PATTERNS = (
     r"(^|/)positional_embedding$",

@@ -42,7 +42,7 @@ TRANSFORMER_MODEL_PARALLEL_RULES: tuple[tuple[str, tuple[str | None, ...]], ...]
     (r"mlp/(c_fc|fc1_g|fc1_x)/bias$", ("model",)),
     (r"mlp/norm/(scale|bias)$", ("model",)),
     (r"mlp/(c_proj|fc2)/kernel$", ("model", None)),
-    # Classifiers over many classes (CatLIP's synset vocabulary): classes split over "model".
+    # Classifiers over many classes (e.g. a synset vocabulary): classes split over "model".
     (r"classifier/kernel$", (None, "model")),
     (r"classifier/bias$", ("model",)),
 )
@@ -158,6 +158,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def gather_to_host(tree: Any, mesh: Mesh) -> Any:
+    """Whole host (NumPy) arrays of a sharded tree: every shard, from every device and host, is
+    gathered first (every process must call this)."""
+    return jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree))
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -13,7 +13,6 @@ from ml_collections import ConfigDict
 
 from configs.catlip_transfer import get_config as transfer_config
 from pretrain import task as base
-from pretrain.data import image_text
 
 SEEN_MODEL_STATES: list[Any] = []  # what evaluate() received, for the tests to inspect
 
@@ -40,9 +39,6 @@ class Task(base.Task):
         variables = self.model.init(rng, jnp.zeros((2, 32, 32, 3)), train=False)
         return variables["params"], variables["batch_stats"]
 
-    def init_params(self, rng: jax.Array) -> Any:
-        return self.init_variables(rng)[0]
-
     def loss_fn(self, params, batch, rng, step, frozen=None, model_state=None):
         logits, updated = self.model.apply(
             {"params": params, "batch_stats": model_state},
@@ -51,22 +47,13 @@ class Task(base.Task):
             mutable=["batch_stats"],
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, {"model_state": updated["batch_stats"]}
+        return base.LossOutput(loss, {}, updated["batch_stats"])
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {
             "image": jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.uint8),
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
         }
-
-    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
-        return image_text.train_dataset(
-            self.config.data,
-            batch_size=batch_size,
-            seed=0,
-            process_index=process_index,
-            process_count=process_count,
-        )
 
     def evaluate(self, params, step, frozen=None, model_state=None) -> dict[str, float]:
         SEEN_MODEL_STATES.append(jax.device_get(model_state))

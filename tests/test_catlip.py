@@ -13,7 +13,7 @@ import tiny_catlip_config
 import tiny_transfer_config
 from wordnet_env import require_wordnet
 
-from pretrain import sharding, trainer
+from pretrain import modes, sharding, trainer
 from pretrain.components import transfer_init
 from pretrain.data import pipeline, synthetic_scenes
 from pretrain.data.synset_labels import CaptionLabeler
@@ -82,7 +82,7 @@ def test_tiny_catlip_run_trains_evaluates_and_exports(catlip_workdir):
     assert metrics["train/labels_per_image"][8] > 1  # the captions' nouns are in the vocabulary
     config = tiny_catlip_config.get_config(str(catlip_workdir / "vocab.tsv"))
     out = catlip_workdir / "export"
-    trainer.export_checkpoint(config, str(catlip_workdir), str(out))
+    modes.export_checkpoint(config, str(catlip_workdir), str(out))
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "model.safetensors",
@@ -93,7 +93,7 @@ def test_tiny_catlip_run_trains_evaluates_and_exports(catlip_workdir):
 def test_catlip_step_compiles_with_the_classifier_split_over_the_model_axis(catlip_workdir):
     config = tiny_catlip_config.get_config(str(catlip_workdir / "vocab.tsv"))
     config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
-    report = trainer.compile_train_step(config)
+    report = modes.compile_train_step(config)
     assert report["gflop_per_step"] > 0
 
 
@@ -105,8 +105,8 @@ def test_linear_probe_freezes_the_tower_and_starts_from_transfer_init(catlip_wor
 
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     catlip_config = tiny_catlip_config.get_config(str(catlip_workdir / "vocab.tsv"))
-    catlip_task, catlip_state = trainer.restore_trained(catlip_config, str(catlip_workdir))
-    _, state = trainer.restore_trained(config, str(tmp_path), "latest")
+    catlip_task, catlip_state = modes.restore_trained(catlip_config, str(catlip_workdir))
+    _, state = modes.restore_trained(config, str(tmp_path), "latest")
     # The frozen tower is the CatLIP run's (EMA off in the tiny run: its parameters).
     jax.tree.map(
         np.testing.assert_array_equal,
@@ -130,14 +130,14 @@ def test_fine_tuning_trains_the_tower_and_exports_to_timm(catlip_workdir, tmp_pa
     config = tiny_transfer_config.get_config(f"{catlip_workdir},mode=finetune,head_init=random")
     trainer.train_and_evaluate(config, str(tmp_path))
     catlip_config = tiny_catlip_config.get_config(str(catlip_workdir / "vocab.tsv"))
-    _, catlip_state = trainer.restore_trained(catlip_config, str(catlip_workdir))
-    _, state = trainer.restore_trained(config, str(tmp_path), "latest")
+    _, catlip_state = modes.restore_trained(catlip_config, str(catlip_workdir))
+    _, state = modes.restore_trained(config, str(tmp_path), "latest")
     before = jax.device_get(catlip_state["params"]["image_encoder"])
     after = jax.device_get(state["params"]["image_encoder"])
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after))
     assert any(changed)
     out = tmp_path / "timm"
-    trainer.export_checkpoint(config, str(tmp_path), str(out))
+    modes.export_checkpoint(config, str(tmp_path), str(out))
     assert (out / "model.safetensors").exists() and (out / "classnames.txt").exists()
 
 

@@ -10,7 +10,7 @@ import tiny_clip_config
 from ml_collections import ConfigDict
 
 from configs import clip_mci0, clip_mci1, clip_mci2, clip_rn50
-from pretrain import trainer
+from pretrain import modes, trainer
 
 TINY_TOWERS = {
     "resnet": {
@@ -76,7 +76,7 @@ def test_tiny_run_trains_batch_statistics_and_evaluates(tower, tmp_path):
     with (tmp_path / "metrics.csv").open() as file:
         names = {row["name"] for row in csv.DictReader(file)}
     assert "eval/scenes/zeroshot_top1" in names
-    task, state = trainer.restore_trained(config, str(tmp_path), "latest")
+    task, state = modes.restore_trained(config, str(tmp_path), "latest")
     _, fresh_state = task.init_variables(jax.random.key(0))
     trained = jax.tree.leaves(jax.device_get(state["model_state"]))
     initial_stats = jax.tree.leaves(jax.device_get(fresh_state))
@@ -91,8 +91,8 @@ def test_resnet_clip_run_exports_with_its_running_statistics(tmp_path):
     config.total_steps = 3
     trainer.train_and_evaluate(config, str(tmp_path))
     out = tmp_path / "export"
-    trainer.export_checkpoint(config, str(tmp_path), str(out))
+    modes.export_checkpoint(config, str(tmp_path), str(out))
     state_dict = load_file(str(out / "open_clip_model.safetensors"))
-    _, state = trainer.restore_trained(config, str(tmp_path), "latest")
+    _, state = modes.restore_trained(config, str(tmp_path), "latest")
     stem_mean = np.asarray(jax.device_get(state["model_state"]["image_encoder"]["bn1"]["mean"]))
     np.testing.assert_allclose(state_dict["visual.bn1.running_mean"], stem_mean, rtol=1e-6)

@@ -6,7 +6,8 @@ import pytest
 
 from configs.clip_vitb16 import get_config
 from configs.common import parse_arg
-from pretrain import sharding, trainer
+from pretrain import sharding, train_step
+from pretrain import state as state_lib
 from pretrain.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 from pretrain.tasks.clip import Task
 
@@ -68,7 +69,7 @@ def test_variants_build_the_open_clip_shapes(arg, image_width, text_width, embed
     config = get_config(arg)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     task = Task(config, mesh)
-    params = jax.eval_shape(task.init_params, jax.random.key(0))
+    params, _ = jax.eval_shape(task.init_variables, jax.random.key(0))
     assert params["image_encoder"]["class_embedding"].shape == (image_width,)
     assert params["text_encoder"]["ln_final"]["scale"].shape == (text_width,)
     assert params["image_encoder"]["proj"].shape == (image_width, embed)
@@ -95,7 +96,7 @@ def test_full_recipe_compiles_one_sharded_step_on_8_devices():
     mesh = sharding.make_mesh(config.mesh)
     task = Task(config, mesh)
     tx, schedule = make_optimizer(config)
-    build = trainer.init_state(task, tx, seed=0, use_ema=True)
+    build = state_lib.init_state(task, tx, seed=0, use_ema=True)
     abstract = jax.eval_shape(build)
     shardings = sharding.tree_shardings(abstract, mesh)
     state = jax.tree.map(
@@ -107,7 +108,7 @@ def test_full_recipe_compiles_one_sharded_step_on_8_devices():
         ),
         "text": jax.ShapeDtypeStruct((8, 77), jnp.int32, sharding=sharding.batch_sharding(mesh, 2)),
     }
-    step = trainer.make_train_step(task, tx, schedule, mesh, ema_decay=config.ema_decay)
+    step = train_step.make_train_step(task, tx, schedule, mesh, ema_decay=config.ema_decay)
     compiled = jax.jit(step, out_shardings=(shardings, None)).lower(state, batch).compile()
     # Parameters and both Adam moments are split 4 ways over fsdp: per-device state memory is
     # far below the replicated 3 x 150M x 4 bytes (+ EMA).

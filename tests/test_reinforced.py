@@ -22,7 +22,7 @@ from tree_compare import assert_close_at_one_scale
 from configs import clip_reinforced
 from losses.distill import ReinforcedLossWeights
 from models.two_tower import TwoTowerModel
-from pretrain import reinforce, sharding, trainer
+from pretrain import gradients, reinforce, sharding, trainer
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
 from pretrain.data import image_text, scenes, synthetic_scenes, transforms, webdataset
@@ -380,7 +380,7 @@ def test_task_loss_is_the_weighted_reinforced_loss(num_teachers, teacher_workdir
     )
     params, _ = task.init_variables(jax.random.key(0))
     batch = _random_batch(task, 8, np.random.default_rng(3))
-    loss, metrics = jax.jit(task.loss_fn)(params, batch, jax.random.key(1), jnp.int32(0))
+    loss, metrics, _ = jax.jit(task.loss_fn)(params, batch, jax.random.key(1), jnp.int32(0))
     embeddings = jax.jit(task.embed)(params, batch, jax.random.key(1))
     student = [np.asarray(embeddings[k], np.float64) for k in ("image", "text", "synthetic_text")]
     teacher = [
@@ -406,16 +406,17 @@ def test_sharded_and_accumulated_reinforced_gradients_equal_the_single_device_on
     params, _ = single.init_variables(jax.random.key(0))
     batch = _random_batch(single, 16, np.random.default_rng(4))
     rng, step = jax.random.key(1), jnp.int32(0)
-    value_and_grad = jax.value_and_grad(single.loss_fn, has_aux=True)
-    (loss, _), grads = jax.jit(value_and_grad)(params, batch, rng, step)
+    output, grads = jax.jit(lambda p, b: gradients.loss_and_gradients(single, p, b, rng, step))(
+        params, batch
+    )
 
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
     sharded = ClipTask(config, mesh)
     placed = jax.device_put(batch, sharding.batch_sharding(mesh))
-    (sharded_loss, _), sharded_grads = jax.jit(
-        lambda p, b: trainer.accumulated_gradients(sharded, p, b, rng, step, 2, mesh)
+    sharded_output, sharded_grads = jax.jit(
+        lambda p, b: gradients.accumulated_gradients(sharded, p, b, rng, step, 2, mesh)
     )(params, placed)
-    np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(sharded_output.loss), float(output.loss), rtol=1e-5)
     assert_close_at_one_scale(sharded_grads, grads, rtol=0, scale_atol=2e-6)
 
 

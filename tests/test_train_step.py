@@ -8,7 +8,9 @@ import tiny_clip_config as tiny_clip
 from jax.sharding import PartitionSpec
 from tree_compare import assert_close_at_scale, without_key_biases
 
-from pretrain import sharding, trainer
+from pretrain import sharding, train_step
+from pretrain import state as state_lib
+from pretrain.gradients import accumulated_gradients
 from pretrain.optim import make_optimizer
 from pretrain.tasks.clip import Task
 
@@ -43,11 +45,11 @@ def random_batch(config, seed=0):
 def run_one_step(config, mesh, batch):
     task = Task(config, mesh)
     tx, schedule = make_optimizer(config)
-    build = trainer.init_state(task, tx, seed=0, use_ema=True)
+    build = state_lib.init_state(task, tx, seed=0, use_ema=True)
     shardings = sharding.tree_shardings(jax.eval_shape(build), mesh)
     state = jax.jit(build, out_shardings=shardings)()
     step = jax.jit(
-        trainer.make_train_step(
+        train_step.make_train_step(
             task,
             tx,
             schedule,
@@ -69,13 +71,12 @@ def assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6):
     )
 
 
-def gradients(config, mesh, batch):
+def full_batch_gradients(config, mesh, batch):
     task = Task(config, mesh)
+    init_params = lambda rng: task.init_variables(rng)[0]
     params = jax.jit(
-        task.init_params,
-        out_shardings=sharding.tree_shardings(
-            jax.eval_shape(task.init_params, jax.random.key(0)), mesh
-        ),
+        init_params,
+        out_shardings=sharding.tree_shardings(jax.eval_shape(init_params, jax.random.key(0)), mesh),
     )(jax.random.key(0))
     global_batch = sharding.global_batch_from_local(batch, mesh)
     grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(1), 0)[0]))
@@ -105,8 +106,8 @@ def test_sharded_step_equals_single_device_step(loss):
 
     # Gradients agree tightly, each tensor relative to its own scale...
     assert_close_at_scale(
-        without_key_biases(gradients(config, parallel, batch)),
-        without_key_biases(gradients(config, single, batch)),
+        without_key_biases(full_batch_gradients(config, parallel, batch)),
+        without_key_biases(full_batch_gradients(config, single, batch)),
     )
     # ...and so do two full AdamW steps. Adam divides each gradient by its own RMS, so where a
     # gradient is tiny float reordering moves a parameter by a small fraction of the learning rate
@@ -139,20 +140,18 @@ def test_gradient_accumulation_is_exact_for_contrastive_loss():
 class NonSplittingTask(Task):
     """The CLIP task seen as an ordinary task: accumulation averages micro-batch gradients."""
 
-    @property
-    def splits_loss(self):
-        return False
+    splits_loss = False
 
 
 def test_plain_gradient_accumulation_averages_microbatch_gradients():
     config = tiny_config(grad_accum_steps=2, **{"range_augment.enabled": False})
     mesh = sharding.make_mesh({"data": 8})
     task = NonSplittingTask(config, mesh)
-    params = jax.jit(task.init_params)(jax.random.key(0))
+    params = jax.jit(lambda rng: task.init_variables(rng)[0])(jax.random.key(0))
     batch = sharding.global_batch_from_local(random_batch(config), mesh)
     rng = jax.random.key(1)
-    accumulate = lambda p, b: trainer.accumulated_gradients(task, p, b, rng, 0, 2, mesh)
-    (_, _), grads = jax.jit(accumulate)(params, batch)
+    accumulate = lambda p, b: accumulated_gradients(task, p, b, rng, 0, 2, mesh)
+    _, grads = jax.jit(accumulate)(params, batch)
     host_batch = jax.device_get(batch)
     expected = None
     for index in range(2):  # micro-batch i holds rows i, i + 2, i + 4, ...
@@ -211,12 +210,12 @@ def test_pretrained_subtrees_replace_the_fresh_initialisation():
         "a": {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)},
         "c": np.ones((), np.float32),
     }
-    out = trainer.overlay(params, {"a": {"w": np.full((2, 3), 5.0)}})
+    out = state_lib.overlay(params, {"a": {"w": np.full((2, 3), 5.0)}})
     np.testing.assert_array_equal(out["a"]["w"], 5.0)
     assert out["a"]["w"].dtype == np.float32
     np.testing.assert_array_equal(out["a"]["b"], 0.0)
     assert float(out["c"]) == 1.0
     with pytest.raises(ValueError, match="/a/w has shape"):
-        trainer.overlay(params, {"a": {"w": np.zeros((3, 2))}})
+        state_lib.overlay(params, {"a": {"w": np.zeros((3, 2))}})
     with pytest.raises(ValueError, match=r"\['x'\] under /: not in the model"):
-        trainer.overlay(params, {"x": np.zeros(1)})
+        state_lib.overlay(params, {"x": np.zeros(1)})

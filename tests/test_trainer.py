@@ -16,7 +16,8 @@ import pytest
 import tiny_clip_config as tiny_clip
 from PIL import Image
 
-from pretrain import sharding, trainer
+from pretrain import modes, sharding, trainer
+from pretrain import run as run_lib
 from pretrain.checkpoint import Checkpointer
 from pretrain.data.webdataset import write_shards
 from pretrain.tasks.clip import Task as ClipTask
@@ -43,7 +44,7 @@ def restore_state(workdir: Path, step: int, *overrides: str):
         for parent in parents:
             target = target[parent]
         target[leaf] = type(target[leaf])(value)
-    _, state = trainer.restore_trained(config, str(workdir), str(step))
+    _, state = modes.restore_trained(config, str(workdir), str(step))
     return jax.device_get(state)
 
 
@@ -100,21 +101,21 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (tmp_path / "tensorboard").is_dir()
 
     # Standalone evaluation of the saved step 12 reproduces the numbers logged during training.
-    standalone = trainer.evaluate_checkpoint(tiny_clip.get_config(), str(tmp_path), "12")
+    standalone = modes.evaluate_checkpoint(tiny_clip.get_config(), str(tmp_path), "12")
     for name, value in standalone.items():
         assert value == pytest.approx(logged[f"eval/{name}"][12], abs=1e-4), name
     # "best" is the evaluated step with the highest zero-shot accuracy.
     scores = logged["eval/scenes/zeroshot_top1"]
-    best = trainer.resolve_step(
-        Checkpointer(tmp_path / "checkpoints", best_metric="scenes/zeroshot_top1"), "best"
+    best = Checkpointer(tmp_path / "checkpoints", best_metric="scenes/zeroshot_top1").resolve_step(
+        "best"
     )
     assert scores[best] == max(scores.values())
     # Evaluating with a different model than the one trained names the differing fields.
     other = tiny_clip.get_config()
     other.model.image.width = 32
     with pytest.raises(ValueError, match=r"model\.image\.width: trained 64, now 32"):
-        trainer.restore_trained(other, str(tmp_path))
-    exported = trainer.export_checkpoint(tiny_clip.get_config(), str(tmp_path), str(tmp_path / "x"))
+        modes.restore_trained(other, str(tmp_path))
+    exported = modes.export_checkpoint(tiny_clip.get_config(), str(tmp_path), str(tmp_path / "x"))
     assert sorted(p.name for p in Path(exported).iterdir()) == [
         "open_clip_config.json",
         "open_clip_model.safetensors",
@@ -183,9 +184,9 @@ class PoisonedClipTask(ClipTask):
     def train_dataset(self, **kwargs):
         return PoisonedStream(super().train_dataset(**kwargs), self.POISON_FROM_BATCH)
 
-    def loss_fn(self, params, batch, rng, step, frozen=None):
-        loss, metrics = super().loss_fn(params, batch, rng, step, frozen)
-        return loss + batch["poison"].sum(), metrics
+    def loss_fn(self, params, batch, rng, step, frozen=None, model_state=None):
+        output = super().loss_fn(params, batch, rng, step, frozen, model_state)
+        return output._replace(loss=output.loss + batch["poison"].sum())
 
 
 class PoisonedStream:
@@ -217,7 +218,7 @@ class PoisonedIterator:
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "build_task", lambda config, mesh: PoisonedClipTask(config, mesh))
+    monkeypatch.setattr(run_lib, "build_task", lambda config, mesh: PoisonedClipTask(config, mesh))
     config = tiny_clip.get_config()
     config.checkpoint.every_steps = 2
     config.eval.every_steps = 1000

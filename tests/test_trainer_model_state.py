@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from pretrain import trainer
+from pretrain import modes, trainer
 
 
 def leaves(tree):
@@ -17,7 +17,7 @@ def test_batch_statistics_are_trained_averaged_saved_and_used(tmp_path):
     config = batchnorm_task.get_config()
     batchnorm_task.SEEN_MODEL_STATES.clear()
     trainer.train_and_evaluate(config, str(tmp_path))
-    _, state = trainer.restore_trained(config, str(tmp_path), "latest")
+    _, state = modes.restore_trained(config, str(tmp_path), "latest")
     mean, var = leaves(state["model_state"])
     # Started at mean 0 / var 1; six updates at momentum 0.9 from the data's batch statistics.
     assert np.abs(mean).max() > 1e-3 and not np.allclose(var, 1.0)
@@ -27,7 +27,7 @@ def test_batch_statistics_are_trained_averaged_saved_and_used(tmp_path):
     assert len(batchnorm_task.SEEN_MODEL_STATES) == 4
     np.testing.assert_array_equal(leaves(batchnorm_task.SEEN_MODEL_STATES[2])[0], mean)
     np.testing.assert_array_equal(leaves(batchnorm_task.SEEN_MODEL_STATES[3])[0], ema_mean)
-    trainer.export_checkpoint(config, str(tmp_path), str(tmp_path / "export"), use_ema=True)
+    modes.export_checkpoint(config, str(tmp_path), str(tmp_path / "export"), use_ema=True)
     np.testing.assert_array_equal(leaves(batchnorm_task.SEEN_MODEL_STATES[-1])[0], ema_mean)
 
 
@@ -41,8 +41,8 @@ def test_statistics_follow_the_data_from_a_restored_checkpoint(tmp_path):
     straight = batchnorm_task.get_config()
     straight.schedule.decay = "constant"
     trainer.train_and_evaluate(straight, str(tmp_path / "b"))
-    _, resumed = trainer.restore_trained(config, str(tmp_path / "a"), "latest")
-    _, direct = trainer.restore_trained(straight, str(tmp_path / "b"), "latest")
+    _, resumed = modes.restore_trained(config, str(tmp_path / "a"), "latest")
+    _, direct = modes.restore_trained(straight, str(tmp_path / "b"), "latest")
     for a, b in zip(leaves(resumed["model_state"]), leaves(direct["model_state"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

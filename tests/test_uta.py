@@ -9,7 +9,7 @@ import tiny_uta_config
 
 from models.two_tower import TwoTowerModel
 from models.vit import resize_position_grid
-from pretrain import sharding, trainer
+from pretrain import modes, sharding, trainer
 from pretrain.data import masking
 from pretrain.data.transforms import normalize_unit
 from pretrain.tasks.uta import Task as UtaTask
@@ -85,15 +85,15 @@ def test_loss_aligns_each_kept_token_with_the_teacher_token_at_its_position(teac
     config = tiny_uta_config.get_config(teacher_workdir)
     task = UtaTask(config, one_device_mesh())
     frozen = task.load_frozen()
-    params = task.init_params(jax.random.key(3))
+    params, _ = task.init_variables(jax.random.key(3))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     keep = np.stack(
         [masking.reversed_block_mask_indices(rng, task.grid, 0.5) for _ in range(4)]
     ).astype(np.int32)
-    loss, _ = task.loss_fn(
+    loss = task.loss_fn(
         params, {"image": images, "keep_indices": keep}, jax.random.key(0), 0, frozen
-    )
+    ).loss
     # Independent reference: the student on the kept tokens, the teacher on the whole image,
     # matched by position in NumPy.
     unit = images.astype(np.float32) / 255
@@ -119,7 +119,7 @@ def test_tiny_uta_run_trains_evaluates_resumes_and_exports(teacher_workdir, tmp_
                 losses[int(row["step"])] = float(row["value"])
     assert losses[8] < losses[2] - 0.1, losses  # -cosine to the teacher falls
     # The teacher is frozen and saved with the student.
-    _, state = trainer.restore_trained(config, str(tmp_path), "latest")
+    _, state = modes.restore_trained(config, str(tmp_path), "latest")
     teacher_before = jax.device_get(UtaTask(config, one_device_mesh()).load_frozen()["teacher"])
     jax.tree.map(
         np.testing.assert_array_equal, jax.device_get(state["frozen"]["teacher"]), teacher_before
@@ -128,7 +128,7 @@ def test_tiny_uta_run_trains_evaluates_resumes_and_exports(teacher_workdir, tmp_
     config.total_steps = 10
     config.teacher.workdir = str(tmp_path / "gone")
     trainer.train_and_evaluate(config, str(tmp_path))
-    exported = trainer.export_checkpoint(config, str(tmp_path), str(tmp_path / "timm"))
+    exported = modes.export_checkpoint(config, str(tmp_path), str(tmp_path / "timm"))
     assert sorted(p.name for p in (tmp_path / "timm").iterdir()) == [
         "config.json",
         "model.safetensors",
@@ -139,7 +139,7 @@ def test_tiny_uta_run_trains_evaluates_resumes_and_exports(teacher_workdir, tmp_
 def test_uta_step_compiles_sharded_without_data_or_weights(teacher_workdir):
     config = tiny_uta_config.get_config(teacher_workdir)
     config.mesh.update({"data": 4, "fsdp": 2})
-    report = trainer.compile_train_step(config)
+    report = modes.compile_train_step(config)
     assert report["gflop_per_step"] > 0
     assert report["parameters"] > 0
 

@@ -8,24 +8,29 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from pretrain.task import task_class
+
 
 def image_tower_spec(pretrained_config: ConfigDict) -> ConfigDict:
-    """The image tower entry of a pretraining recipe (CLIP/CatLIP: model.image, UTA: student)."""
-    model = pretrained_config.model
-    for name in ("image", "student"):
-        if name in model:
-            return model[name]
-    raise ValueError(f"the pretrained recipe's model has no image tower: {sorted(model.keys())}")
+    """The image tower's entry in a pretraining recipe (where its task says it is)."""
+    entry = task_class(pretrained_config).image_tower_entry
+    if entry is None or entry not in pretrained_config.model:
+        raise ValueError(
+            f"a {pretrained_config.task} run has no image tower: its model has "
+            f"{sorted(pretrained_config.model.keys())}"
+        )
+    return pretrained_config.model[entry]
 
 
-def image_tower_params(params: Any) -> Any:
+def image_tower_params(pretrained_config: ConfigDict, params: Any) -> Any:
     """The tower's subtree of a pretrained run's parameters."""
-    return params.get("image_encoder", params)
+    key = task_class(pretrained_config).image_tower_params_key
+    return params[key] if key else params
 
 
 def matching_subtree(params: Any, template: Any, path: str = "") -> Any:
-    """``params`` restricted to the keys of ``template`` (a pretrained CLIP tower's projection is
-    not used by the classifier), with a clear error for a missing or misshapen entry."""
+    """``params`` restricted to the keys of ``template`` (e.g. a pretrained tower's projection,
+    which a new head does not use), with a clear error for a missing or misshapen entry."""
     if isinstance(template, dict):
         missing = sorted(set(template) - set(params))
         if missing:

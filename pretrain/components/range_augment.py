@@ -27,6 +27,9 @@ def _psnr(mse: jax.Array) -> jax.Array:
 class RangeAugmentation:
     """Build with :func:`from_config` (None when disabled)."""
 
+    # Config fields that shape a task's saved state when it uses RangeAugment (its parameters).
+    STATE_FIELDS = (r"range_augment\.(enabled|operations)$",)
+
     def __init__(self, settings: ConfigDict, total_steps: int):
         self.settings = settings
         self.total_steps = total_steps

@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 from etils import epath
 from ml_collections import ConfigDict
 
+from pretrain import sharding
+from pretrain.modes import restore_trained
+from pretrain.saved_config import CONFIG_FILE
+from pretrain.state import weights
 from pretrain.task import Task
 
 
@@ -29,7 +32,7 @@ def load_recipe(spec: str) -> ConfigDict:
 def run_config(workdir: str, recipe_spec: str = "") -> ConfigDict:
     """The config a run of this project was trained with: its saved ``config.json`` (with the
     run's command-line overrides), else the recipe ``recipe_spec`` names."""
-    saved = epath.Path(workdir) / "config.json" if workdir else None
+    saved = epath.Path(workdir) / CONFIG_FILE if workdir else None
     if saved is not None and saved.exists():
         return ConfigDict(json.loads(saved.read_text()))
     if not recipe_spec:
@@ -43,26 +46,15 @@ def restore_run_variables(
     """``(task, params, model_state)`` (host arrays) of a run of this project; ``model_state``
     holds BatchNorm statistics (ResNet, MCi towers), else None. ``step`` is "best" | "latest" |
     a number; ``use_ema`` picks the EMA weights (None: the EMA when the run kept one)."""
-    # Imported here: the trainer imports the task modules' base, not the other way round.
-    from pretrain import sharding, trainer
-
     if not workdir:
         raise ValueError(f"no workdir given for the run of {recipe_spec!r} to load weights from")
     recipe = run_config(workdir, recipe_spec)
-    task, state = trainer.restore_trained(recipe, workdir, str(step))
+    task, state = restore_trained(recipe, workdir, str(step))
     if use_ema is None:
         use_ema = "ema_params" in state
-    key = "ema_params" if use_ema else "params"
-    if key not in state:
+    if use_ema and "ema_params" not in state:
         raise ValueError(f"the run in {workdir} kept no EMA parameters (ema_decay was off)")
-    state_key = "ema_model_state" if use_ema else "model_state"
-    mesh = sharding.make_mesh(recipe.mesh)
-    # Gather every shard (from every host) into whole arrays first.
-    gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
-    params = jax.device_get(gather(state[key]))
-    model_state = state.get(state_key)
-    if model_state is not None:
-        model_state = jax.device_get(gather(model_state))
+    params, model_state = sharding.gather_to_host(weights(state, use_ema), task.mesh)
     # Training-only parameters (RangeAugment's ranges) are not part of the model.
     return task, {k: v for k, v in params.items() if k != "range_augment"}, model_state
 

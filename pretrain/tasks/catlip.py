@@ -41,7 +41,7 @@ from pretrain import task as base
 from pretrain.components import transfer_init
 from pretrain.components.modules import build_module
 from pretrain.components.range_augment import RangeAugmentation
-from pretrain.data import catlip_vocab, image_text
+from pretrain.data import catlip_vocab
 from pretrain.data.synset_labels import CaptionLabeler
 from pretrain.data.transforms import normalize, normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
@@ -107,6 +107,10 @@ class MultiHotLabels:
 
 class Task(base.Task):
     batch_fields = ("image", "labels")
+    # The classifier's size comes from the vocabulary.
+    state_fields = (*RangeAugmentation.STATE_FIELDS, r"vocab\.(path|min_count|max_size)$")
+    image_tower_entry = "image"
+    image_tower_params_key = "image_encoder"
 
     def __init__(self, config: ConfigDict, mesh: Mesh):
         super().__init__(config, mesh)
@@ -128,18 +132,17 @@ class Task(base.Task):
         )
         self.image_size = int(config.data.image_size)
         self.range_augment = RangeAugmentation.from_config(config)
-        self._evaluator: ClassificationEvaluator | None = None
         self._matches: dict[str, list[transfer_init.ClassMatch]] = {}
 
     # -- model and loss -------------------------------------------------------------------------
 
-    def init_params(self, rng: jax.Array) -> Any:
+    def init_variables(self, rng: jax.Array) -> tuple[Any, None]:
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         model_rng, augment_rng = jax.random.split(rng)
         params = self.model.init(model_rng, images)["params"]
         if self.range_augment is not None:
             params = {**params, "range_augment": self.range_augment.init(augment_rng, images)}
-        return params
+        return params, None
 
     def _unit_logits(self, params: Any, images: jax.Array) -> jax.Array:
         """Logits of float images in [0, 1]."""
@@ -159,9 +162,15 @@ class Task(base.Task):
         return features.astype(jnp.float32)
 
     def loss_fn(
-        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
-    ) -> tuple[jax.Array, base.Metrics]:
-        del frozen
+        self,
+        params: Any,
+        batch: base.Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        frozen: Any = None,
+        model_state: Any = None,
+    ) -> base.LossOutput:
+        del frozen, model_state
         images = unit_images(batch["image"])
         if self.range_augment is not None:
             images, augment_mse = self.range_augment.augment(params, images, rng)
@@ -173,7 +182,7 @@ class Task(base.Task):
             augment_loss, augment_metrics = self.range_augment.loss(params, augment_mse, step)
             loss = loss + augment_loss
             metrics.update(augment_metrics)
-        return loss, metrics
+        return base.LossOutput(loss, metrics)
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -184,15 +193,8 @@ class Task(base.Task):
             "labels": jax.ShapeDtypeStruct((batch_size, len(self.vocabulary)), jnp.uint8),
         }
 
-    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
-        return image_text.train_dataset(
-            self.config.data,
-            batch_size=batch_size,
-            seed=int(self.config.seed),
-            process_index=process_index,
-            process_count=process_count,
-            caption_fields=MultiHotLabels(self.synset_ids),
-        )
+    def train_data_options(self) -> dict[str, Any]:
+        return {"caption_fields": MultiHotLabels(self.synset_ids)}
 
     # -- evaluation and export ------------------------------------------------------------------
 
@@ -213,23 +215,22 @@ class Task(base.Task):
             self._matches[set_name] = matches
         return self._matches[set_name]
 
-    def prepare_evaluation(self) -> None:
-        if self._evaluator is None:
-            self._evaluator = ClassificationEvaluator(
-                self.config.eval,
-                mesh=self.mesh,
-                image_size=self.image_size,
-                logits_fn=head_logits(self.features),
-            )
-            for name, loaded in self._evaluator.sets.items():
-                self.class_matches(name, loaded["classnames"])
-
-    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
-        del step, frozen
-        self.prepare_evaluation()
-        classifier = jax.device_get(
-            jax.jit(lambda p: p["classifier"], out_shardings=sharding.replicated(self.mesh))(params)
+    def make_evaluator(self) -> ClassificationEvaluator:
+        evaluator = ClassificationEvaluator(
+            self.config.eval,
+            mesh=self.mesh,
+            image_size=self.image_size,
+            logits_fn=head_logits(self.features),
         )
+        for name, loaded in evaluator.sets.items():
+            self.class_matches(name, loaded["classnames"])
+        return evaluator
+
+    def evaluate(
+        self, params: Any, step: int, frozen: Any = None, model_state: Any = None
+    ) -> dict[str, float]:
+        del step, frozen, model_state
+        classifier = sharding.gather_to_host(params["classifier"], self.mesh)
 
         def variables_for_set(name: str, classnames: list[str]) -> Any:
             kernel, bias = transfer_init.transfer_classifier(
@@ -240,9 +241,9 @@ class Task(base.Task):
             )
             return {"params": params, "head": {"kernel": kernel, "bias": bias}}
 
-        return self._evaluator(variables_for_set, prefix="transfer_init_")
+        return self.evaluator(variables_for_set, prefix="transfer_init_")
 
-    def export(self, params: Any, directory: str) -> str:
+    def export(self, params: Any, directory: str, model_state: Any = None) -> str:
         """timm ``vision_transformer`` layout with the synset classifier as its head, plus the
         vocabulary (the head's classes, in order) as ``vocabulary.tsv``."""
         classifier = params["classifier"]  # (range_augment's parameters are training-only)

@@ -52,6 +52,8 @@ HEAD_INITS = ("transfer", "random")
 
 class Task(base.Task):
     batch_fields = ("image", "label")
+    # What is trained and what is frozen, and the tower's shapes.
+    state_fields = (r"transfer\.(mode|pretrained\.(config|workdir))$",)
 
     def __init__(self, config: ConfigDict, mesh: Mesh):
         super().__init__(config, mesh)
@@ -82,7 +84,6 @@ class Task(base.Task):
         self.head = ClassifierHead(
             len(self.classnames), dtype=dtype, param_dtype=jnp.dtype(config.model.param_dtype)
         )
-        self._evaluator: ClassificationEvaluator | None = None
         self._pretrained: tuple[base.Task, Any] | None = None
 
     # -- parameters -----------------------------------------------------------------------------
@@ -91,13 +92,13 @@ class Task(base.Task):
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         return jax.eval_shape(self.encoder.init, jax.random.key(0), images)["params"]
 
-    def init_params(self, rng: jax.Array) -> Any:
+    def init_variables(self, rng: jax.Array) -> tuple[Any, None]:
         encoder_rng, head_rng = jax.random.split(rng)
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         params = dict(self.head.init(head_rng, jnp.zeros((1, self.encoder.width)))["params"])
         if self.mode == "finetune":
             params["image_encoder"] = self.encoder.init(encoder_rng, images)["params"]
-        return params
+        return params, None
 
     def frozen_spec(self) -> Any:
         if self.mode != "linear_probe":
@@ -114,7 +115,9 @@ class Task(base.Task):
 
     def _pretrained_tower(self) -> Any:
         _, params = self._pretrained_run()
-        return matching_subtree(image_tower_params(params), self._encoder_template())
+        return matching_subtree(
+            image_tower_params(self.pretrained_config, params), self._encoder_template()
+        )
 
     def load_frozen(self) -> Any:
         if self.mode != "linear_probe":
@@ -167,9 +170,15 @@ class Task(base.Task):
         return self.head.apply({"params": {"classifier": params["classifier"]}}, features)
 
     def loss_fn(
-        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
-    ) -> tuple[jax.Array, base.Metrics]:
-        del rng, step
+        self,
+        params: Any,
+        batch: base.Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        frozen: Any = None,
+        model_state: Any = None,
+    ) -> base.LossOutput:
+        del rng, step, model_state
         logits = self.logits(params, batch["image"], frozen)
         labels = batch["label"]
         loss = sharding.batch_loss(
@@ -180,7 +189,7 @@ class Task(base.Task):
             label_smoothing=float(self.config.transfer.label_smoothing),
         )
         accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
-        return loss, {"train_top1": accuracy}
+        return base.LossOutput(loss, {"train_top1": accuracy})
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -191,45 +200,38 @@ class Task(base.Task):
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
         }
 
-    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
-        data = self.config.data
-        source = image_text.make_source(data.train)
-        limit = int(data.train.get("max_examples", 0))
+    def train_data_options(self) -> dict[str, Any]:
+        train = self.config.data.train
+        source = image_text.make_source(train)
+        limit = int(train.get("max_examples", 0))
         if limit:  # a fraction of the labelled data (the paper's data-efficiency curves)
             source = image_text.Prefix(source, limit)
-        return image_text.train_dataset(
-            data,
-            batch_size=batch_size,
-            seed=int(self.config.seed),
-            process_index=process_index,
-            process_count=process_count,
-            image_size=self.image_size,
-            source=source,
-        )
+        return {"image_size": self.image_size, "source": source}
 
     # -- evaluation and export ------------------------------------------------------------------
 
-    def prepare_evaluation(self) -> None:
-        if self._evaluator is None:
-            self._evaluator = ClassificationEvaluator(
-                self.config.eval,
-                mesh=self.mesh,
-                image_size=self.image_size,
-                logits_fn=lambda v, images: self.logits(v["params"], images, v["frozen"]),
-            )
-            for name, loaded in self._evaluator.sets.items():
-                if len(loaded["classnames"]) != len(self.classnames):
-                    raise ValueError(
-                        f"eval set {name!r} has {len(loaded['classnames'])} classes, the "
-                        f"training set {len(self.classnames)}"
-                    )
+    def make_evaluator(self) -> ClassificationEvaluator:
+        evaluator = ClassificationEvaluator(
+            self.config.eval,
+            mesh=self.mesh,
+            image_size=self.image_size,
+            logits_fn=lambda v, images: self.logits(v["params"], images, v["frozen"]),
+        )
+        for name, loaded in evaluator.sets.items():
+            if len(loaded["classnames"]) != len(self.classnames):
+                raise ValueError(
+                    f"eval set {name!r} has {len(loaded['classnames'])} classes, the "
+                    f"training set {len(self.classnames)}"
+                )
+        return evaluator
 
-    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
-        del step
-        self.prepare_evaluation()
-        return self._evaluator(lambda name, classnames: {"params": params, "frozen": frozen})
+    def evaluate(
+        self, params: Any, step: int, frozen: Any = None, model_state: Any = None
+    ) -> dict[str, float]:
+        del step, model_state
+        return self.evaluator(lambda name, classnames: {"params": params, "frozen": frozen})
 
-    def export(self, params: Any, directory: str) -> str:
+    def export(self, params: Any, directory: str, model_state: Any = None) -> str:
         """A fine-tuned tower with its classifier in timm's vision_transformer layout."""
         if self.mode != "finetune":
             raise ValueError(

@@ -45,6 +45,10 @@ MAX_LOG_LOGIT_SCALE = math.log(100.0)
 
 class Task(base.Task):
     batch_fields = ("image", "text")
+    state_fields = RangeAugmentation.STATE_FIELDS
+    splits_loss = True
+    image_tower_entry = "image"
+    image_tower_params_key = "image_encoder"
 
     def __init__(self, config: ConfigDict, mesh: Mesh):
         super().__init__(config, mesh)
@@ -59,7 +63,6 @@ class Task(base.Task):
         self.reinforced = ReinforcedTraining.from_config(config)
         if self.reinforced is not None:
             self.batch_fields = (*Task.batch_fields, *self.reinforced.batch_fields())
-        self._evaluator: image_text_eval.ImageTextEvaluator | None = None
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -73,9 +76,6 @@ class Task(base.Task):
         if self.range_augment is not None:
             params = {**params, "range_augment": self.range_augment.init(augment_rng, images)}
         return params, variables.get(BATCH_STATS)
-
-    def init_params(self, rng: jax.Array) -> Any:
-        return self.init_variables(rng)[0]
 
     def _encode_unit_images(
         self, params: Any, images: jax.Array, model_state: Any = None, train: bool = False
@@ -141,7 +141,7 @@ class Task(base.Task):
         rng: jax.Array,
         step: jax.Array,
         frozen: Any = None,
-    ) -> tuple[jax.Array, base.Metrics]:
+    ) -> base.LossOutput:
         del rng, frozen
         fixed_scale = self.config.loss.get("fixed_logit_scale")
         # A fixed temperature (UTA fine-tuning: 0.01, scale 100) when the towers start aligned.
@@ -157,7 +157,7 @@ class Task(base.Task):
             )
             value = value + augment_loss
             metrics.update(augment_metrics)
-        return value, metrics
+        return base.LossOutput(value, metrics)
 
     def _contrastive_loss(
         self, params: Any, embeddings: dict[str, jax.Array], scale: jax.Array
@@ -188,12 +188,10 @@ class Task(base.Task):
         step: jax.Array,
         frozen: Any = None,
         model_state: Any = None,
-    ) -> tuple[jax.Array, base.Metrics]:
+    ) -> base.LossOutput:
         embeddings, model_state = self._embed(params, batch, rng, model_state)
-        loss, metrics = self.loss_from_embeddings(params, embeddings, rng, step)
-        if model_state is not None:
-            metrics["model_state"] = model_state  # the trainer keeps it (trainer.MODEL_STATE_KEY)
-        return loss, metrics
+        loss, metrics, _ = self.loss_from_embeddings(params, embeddings, rng, step)
+        return base.LossOutput(loss, metrics, model_state)
 
     def project_params(self, params: Any) -> Any:
         clamped = jnp.clip(params["logit_scale"], 0.0, MAX_LOG_LOGIT_SCALE)
@@ -299,20 +297,18 @@ class Task(base.Task):
             open_clip.save_open_clip(directory, params, model_config, batch_stats=model_state)
         )
 
-    def prepare_evaluation(self) -> None:
-        if self._evaluator is None:
-            self._evaluator = image_text_eval.ImageTextEvaluator(
-                self.config.eval,
-                mesh=self.mesh,
-                image_size=self.image_size,
-                context_length=self.context_length,
-                encode_images=self.encode_images,
-                encode_texts=self.encode_texts,
-            )
+    def make_evaluator(self) -> image_text_eval.ImageTextEvaluator:
+        return image_text_eval.ImageTextEvaluator(
+            self.config.eval,
+            mesh=self.mesh,
+            image_size=self.image_size,
+            context_length=self.context_length,
+            encode_images=self.encode_images,
+            encode_texts=self.encode_texts,
+        )
 
     def evaluate(
         self, params: Any, step: int, frozen: Any = None, model_state: Any = None
     ) -> dict[str, float]:
         del step, frozen
-        self.prepare_evaluation()
-        return self._evaluator({"params": params, "model_state": model_state})
+        return self.evaluator({"params": params, "model_state": model_state})

@@ -31,7 +31,7 @@ from pretrain import sharding
 from pretrain import task as base
 from pretrain.components.modules import build_module
 from pretrain.components.teachers import build_teacher
-from pretrain.data import image_text, masking
+from pretrain.data import masking
 from pretrain.data.transforms import normalize, normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
 from pretrain.export import timm_eva
@@ -56,6 +56,8 @@ class KeepIndices:
 
 class Task(base.Task):
     batch_fields = ("image", "keep_indices")
+    state_fields = (r"teacher\.(source|open_clip_model|config|dtype)$",)  # the teacher's shapes
+    image_tower_entry = "student"
 
     def __init__(self, config: ConfigDict, mesh: Mesh):
         super().__init__(config, mesh)
@@ -80,13 +82,12 @@ class Task(base.Task):
             raise ValueError(f"image size {self.image_size} is not a multiple of patch {patch}")
         self.grid = (self.image_size // patch, self.image_size // patch)
         self.mask_ratio = float(config.masking.mask_ratio)
-        self._evaluator: image_text_eval.ImageTextEvaluator | None = None
 
     # -- parameters -----------------------------------------------------------------------------
 
-    def init_params(self, rng: jax.Array) -> Any:
+    def init_variables(self, rng: jax.Array) -> tuple[Any, None]:
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-        return self.student.init(rng, images)["params"]
+        return self.student.init(rng, images)["params"], None
 
     def frozen_spec(self) -> Any:
         return {"teacher": self.teacher.spec()}
@@ -128,9 +129,15 @@ class Task(base.Task):
     # -- loss -----------------------------------------------------------------------------------
 
     def loss_fn(
-        self, params: Any, batch: base.Batch, rng: jax.Array, step: jax.Array, frozen: Any = None
-    ) -> tuple[jax.Array, base.Metrics]:
-        del rng, step
+        self,
+        params: Any,
+        batch: base.Batch,
+        rng: jax.Array,
+        step: jax.Array,
+        frozen: Any = None,
+        model_state: Any = None,
+    ) -> base.LossOutput:
+        del rng, step, model_state
         images = unit_images(batch["image"])
         keep = batch["keep_indices"]
         _, intermediates = self.student.apply(
@@ -141,7 +148,7 @@ class Task(base.Task):
         kept_positions = jnp.concatenate([jnp.zeros_like(keep[:, :1]), keep + 1], axis=1)
         targets = jnp.take_along_axis(teacher, kept_positions[:, :, None], axis=1)
         loss = sharding.batch_loss(token_alignment_loss, self.mesh, student, targets)
-        return loss, {"cosine": -loss}
+        return base.LossOutput(loss, {"cosine": -loss})
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -153,18 +160,11 @@ class Task(base.Task):
             "keep_indices": jax.ShapeDtypeStruct((batch_size, kept), jnp.int32),
         }
 
-    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
+    def train_data_options(self) -> dict[str, Any]:
         masks = KeepIndices(
             self.grid, self.mask_ratio, float(self.config.masking.reverse_probability)
         )
-        return image_text.train_dataset(
-            self.config.data,
-            batch_size=batch_size,
-            seed=int(self.config.seed),
-            process_index=process_index,
-            process_count=process_count,
-            example_extras=masks,  # images only: the teacher gives the targets
-        )
+        return {"example_extras": masks}  # images only: the teacher gives the targets
 
     # -- evaluation and export ------------------------------------------------------------------
 
@@ -181,22 +181,22 @@ class Task(base.Task):
         )
         return embedding
 
-    def prepare_evaluation(self) -> None:
-        if self._evaluator is None:
-            self._evaluator = image_text_eval.ImageTextEvaluator(
-                self.config.eval,
-                mesh=self.mesh,
-                image_size=self.image_size,
-                context_length=self.teacher.context_length,
-                encode_images=self.encode_images,
-                encode_texts=self.encode_texts,
-            )
+    def make_evaluator(self) -> image_text_eval.ImageTextEvaluator:
+        return image_text_eval.ImageTextEvaluator(
+            self.config.eval,
+            mesh=self.mesh,
+            image_size=self.image_size,
+            context_length=self.teacher.context_length,
+            encode_images=self.encode_images,
+            encode_texts=self.encode_texts,
+        )
 
-    def evaluate(self, params: Any, step: int, frozen: Any = None) -> dict[str, float]:
-        del step
-        self.prepare_evaluation()
-        return self._evaluator({"student": params, "teacher": frozen["teacher"]})
+    def evaluate(
+        self, params: Any, step: int, frozen: Any = None, model_state: Any = None
+    ) -> dict[str, float]:
+        del step, model_state
+        return self.evaluator({"student": params, "teacher": frozen["teacher"]})
 
-    def export(self, params: Any, directory: str) -> str:
+    def export(self, params: Any, directory: str, model_state: Any = None) -> str:
         """The student in timm's eva.py layout (see pretrain/export/timm_eva.py)."""
         return str(timm_eva.save_timm(directory, params, self.student, image_size=self.image_size))
