@@ -4,7 +4,8 @@ the reinforced run distils it (stored embeddings) with synthetic captions; the M
 tower learns the scenes too; CatLIP learns the captions' synsets and its classifier gives the
 linear probe a head start.
 
-Slow (about 30 minutes on 2 cores): run with `pytest -m slow` (CI's nightly-style stage).
+The main job (the Quick start's CLIP, about 5 minutes on 2 cores) is marked slow and runs in CI;
+the others (about 25 minutes more) are marked nightly: `pytest -m nightly`.
 """
 
 import csv
@@ -60,7 +61,7 @@ def test_clip_runlocal_reaches_zero_shot_accuracy_far_above_chance(clip_run):
     assert loss[1000] < 0.6 * loss[50], loss
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_uta_runlocal_aligns_to_the_teacher_and_classifies_zero_shot(uta_run):
     values = uta_run[1]
     loss = values["train/loss"]  # -cosine with the teacher's tokens
@@ -68,7 +69,7 @@ def test_uta_runlocal_aligns_to_the_teacher_and_classifies_zero_shot(uta_run):
     assert values["eval/scenes/zeroshot_top1"][1000] > 10 * CHANCE
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_uta_contrastive_fine_tuning_keeps_zero_shot_accuracy(tmp_path, clip_run, uta_run):
     values = run_main(
         "configs/uta_ft_vitl.py:runlocal",
@@ -85,7 +86,7 @@ def catlip_run(tmp_path_factory):
     return workdir, run_main("configs/catlip_vitb16.py:runlocal", workdir)
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_catlip_runlocal_learns_the_captions_synsets(catlip_run):
     values = catlip_run[1]
     loss = values["train/loss"]  # BCE summed over the vocabulary
@@ -95,7 +96,7 @@ def test_catlip_runlocal_learns_the_captions_synsets(catlip_run):
     assert values["eval/scenes/transfer_init_top1"][1000] > 10 * CHANCE
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_catlip_linear_probe_with_transfer_init_beats_random_init(tmp_path, catlip_run):
     pretrained = f"--config.transfer.pretrained.workdir={catlip_run[0]}"
     probes = {
@@ -110,7 +111,7 @@ def test_catlip_linear_probe_with_transfer_init_beats_random_init(tmp_path, catl
         assert probes["transfer"][step] > probes["random"][step], probes
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_reinforced_runlocal_trains_with_synthetic_captions_and_distillation(tmp_path, clip_run):
     reinforced_dir = tmp_path / "reinforced_scenes"
     values = run_main(
@@ -126,7 +127,7 @@ def test_reinforced_runlocal_trains_with_synthetic_captions_and_distillation(tmp
     assert values["train/data/skipped_total"][1000] == 0
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_mci0_runlocal_reaches_zero_shot_accuracy_far_above_chance(tmp_path):
     values = run_main("configs/clip_mci0.py:runlocal", tmp_path)
     assert values["eval/scenes/zeroshot_top1"][1000] > 10 * CHANCE
