@@ -53,7 +53,6 @@ from pretrain.data.tokenizer import ClipTokenizer
 
 MANIFEST = "reinforcement.json"
 SHARD_PATTERN = "reinforced-%05d.tar"
-SHARD_GLOB = "reinforced-*.tar"
 
 
 @dataclasses.dataclass

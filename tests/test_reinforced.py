@@ -298,7 +298,7 @@ def test_reinforce_stores_the_teacher_embeddings_of_each_view_and_caption(reinfo
     for index in (0, 101, 255):
         record, original = shards[index], originals[index]
         np.testing.assert_array_equal(
-            transforms.decode_image(record["image_bytes"]), original["image"]
+            np.asarray(transforms.decode_to_pil(record["image_bytes"])), original["image"]
         )
         boxes = record["augmentation_boxes"]
         assert boxes.shape == (4, 4)
@@ -472,7 +472,7 @@ def test_a_batchnorm_clip_run_can_be_the_teacher(teacher_workdir, tmp_path):
     assert model_state is not None  # the running statistics are used, not fresh ones
     shards = clip_reinforced.shards_glob(str(tmp_path / "shards"))
     record = webdataset.WebDatasetSource(shards, reinforcements=True)[3]
-    image = transforms.decode_image(record["image_bytes"])
+    image = np.asarray(transforms.decode_to_pil(record["image_bytes"]))
     views = np.stack(
         [
             transforms.crop_and_resize(image, b, task.image_size)

@@ -155,11 +155,10 @@ def read_vocabulary(path: str | os.PathLike) -> list[VocabEntry]:
 
 
 def _count_records(source: Any, indices: range, extractor: SynsetExtractor) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
-    for index in indices:
-        _, captions = pipeline.image_and_captions(source[index], require_captions=False)
-        counts.update(record_synsets(captions, extractor))
-    return counts
+    captions = (
+        pipeline.image_and_captions(source[index], require_captions=False)[1] for index in indices
+    )
+    return count_synsets(captions, extractor)
 
 
 def _chunks(num_records: int, processes: int) -> list[range]:
@@ -276,16 +275,21 @@ def vocabulary_from_source(
     max_size: int = 0,
     processes: int = 1,
     progress_every: float = 30.0,
+    make_source: Callable[[], Any] | None = None,
 ) -> tuple[list[VocabEntry], int]:
     """``(vocabulary, number of records read)`` of a random-access source (``len`` / ``[i]``).
 
     Records are read as the training pipeline reads them; a record without captions counts as a
-    record with no synsets. ``processes`` > 1 sends the source to worker processes, so it must
-    be picklable (use :func:`vocabulary_from_config` otherwise); 0 means one per CPU core.
-    ``progress_every``: seconds between progress lines on stderr (0: only the final summary).
+    record with no synsets. ``processes``: 0 = one per CPU core, 1 = in this process; worker
+    processes open the source with ``make_source`` (picklable; default: they receive ``source``
+    itself, which must then be picklable). ``progress_every``: seconds between progress lines on
+    stderr (0: only the final summary).
     """
     counts, num_records = _count_source(
-        source, _Given(source), processes=processes, progress_every=progress_every
+        source,
+        make_source or _Given(source),
+        processes=processes,
+        progress_every=progress_every,
     )
     return build_vocabulary(counts, min_count, max_size), num_records
 
@@ -317,14 +321,14 @@ def vocabulary_from_config(
     config = _plain_config(source_config)
     # Opened here first: a source built on first use (the embedded scenes) is built once, before
     # the workers open it, and its length is needed to split the work.
-    source = _make_source(config)
-    counts, num_records = _count_source(
-        source,
-        functools.partial(_make_source, config),
+    return vocabulary_from_source(
+        _make_source(config),
+        min_count=min_count,
+        max_size=max_size,
         processes=processes,
         progress_every=progress_every,
+        make_source=functools.partial(_make_source, config),
     )
-    return build_vocabulary(counts, min_count, max_size), num_records
 
 
 # ----------------------------------------------------------------------------- command line

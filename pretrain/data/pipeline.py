@@ -47,9 +47,7 @@ Evaluation with ``drop_remainder=False``: the last batch is padded to ``b`` rows
 ``valid=False`` (so shapes never change under jit); reduce metrics over ``valid`` rows only.
 Skipped records after the last good example are reported in a final all-padding batch. With
 ``drop_remainder=True`` the last partial batch, and its ``skipped`` count, are dropped. With
-several processes the number of batches can differ between processes (uneven blocks, skips):
-keep stepping with :func:`invalid_batch_like` batches until every process is done (e.g. agree
-on it with ``jax.experimental.multihost_utils.process_allgather``).
+several processes the number of batches can differ between processes (uneven blocks, skips).
 
 Checkpointing: ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state(state)`` restore the exact
 position (also with ``worker_count > 0``), e.g. through orbax's ``grain.checkpoint.CheckpointSave``.
@@ -477,15 +475,6 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
 
     def __str__(self) -> str:
         return f"SkipCountingBatchIterDataset(batch_size={self._batch_size})"
-
-
-def invalid_batch_like(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """An all-padding batch shaped like ``batch`` (``valid`` all False, ``skipped`` 0)."""
-    empty = {name: np.zeros_like(value) for name, value in batch.items() if name != "skipped"}
-    if "index" in empty:
-        empty["index"][:] = -1
-    empty["skipped"] = 0
-    return empty
 
 
 # ----------------------------------------------------------------------------- the pipeline

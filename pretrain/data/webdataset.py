@@ -247,20 +247,6 @@ def iter_tar_members(path: str) -> Iterator[tuple[str, int, int]]:
         os.close(fd)
 
 
-def scan_tar_members(path: str) -> list[tuple[str, int, int]]:
-    """All members of :func:`iter_tar_members` in a list.
-
-    A shard cut short (a partial download) keeps the members that lie wholly inside the file (with
-    a logged warning); a damaged header raises :class:`CorruptShardError`.
-    """
-    members: list[tuple[str, int, int]] = []
-    try:
-        members.extend(iter_tar_members(path))
-    except TruncatedShardError as error:
-        _logger.warning("%s: the members after it are lost", error)
-    return members
-
-
 def split_key(member_name: str) -> tuple[str, str]:
     """key = path up to the first '.' of the base name; then the extension."""
     directory, _, base = member_name.rpartition("/")

@@ -353,15 +353,6 @@ def load_wordnet() -> Any:
     return wordnet
 
 
-def wordnet_missing_reason() -> str | None:
-    """None when :func:`load_wordnet` works, else why not (for tests and start-up checks)."""
-    try:
-        load_wordnet()
-    except RuntimeError as error:
-        return str(error)
-    return None
-
-
 def _on_default_path(target: Path) -> bool:
     import nltk
 
