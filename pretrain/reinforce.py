@@ -48,8 +48,9 @@ from ml_collections import ConfigDict, config_flags
 from models.two_tower import TwoTowerModel
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
-from pretrain.data import image_text, pipeline, transforms, webdataset
+from pretrain.data import image_text, pipeline, transforms
 from pretrain.data.tokenizer import ClipTokenizer
+from pretrain.data.webdataset import datacompdr, write_shards
 
 MANIFEST = "reinforcement.json"
 SHARD_PATTERN = "reinforced-%05d.tar"
@@ -261,12 +262,6 @@ def embed_records(
     return out
 
 
-def _npz_bytes(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, image_emb=image_emb.astype(dtype), text_emb=text_emb.astype(dtype))
-    return buffer.getvalue()
-
-
 def shard_sample(
     record: PreparedRecord, image_emb: np.ndarray, text_emb: np.ndarray, dtype: str
 ) -> dict[str, Any]:
@@ -277,9 +272,9 @@ def shard_sample(
         extension: payload,
         "txt": "\n".join(record.captions),
         "json": record.metadata,
-        "syn.json": {"syn_text": record.synthetic_captions},
-        "paug.json": {"param_aug": [[list(box), []] for box in record.boxes]},
-        "npz": _npz_bytes(image_emb, text_emb, dtype),
+        **datacompdr.reinforcement_members(
+            record.synthetic_captions, record.boxes, image_emb, text_emb, dtype
+        ),
     }
 
 
@@ -309,7 +304,7 @@ def _write_shard(samples: Sequence[dict[str, Any]], path: Path) -> None:
     """One whole shard at ``path``, renamed into place when complete (possibly empty)."""
     partial = path.with_name(f"{path.name}.part")
     if samples:
-        webdataset.write_shards(samples, f"{partial}.%d", len(samples))
+        write_shards(samples, f"{partial}.%d", len(samples))
         os.replace(f"{partial}.0", path)
     else:
         with tarfile.open(partial, "w"):
@@ -379,7 +374,7 @@ def reinforce(
     output.mkdir(parents=True, exist_ok=True)
     check_same_job(output, job_description(settings))
     # Synthetic captions already in the source's shards (syn.json) are kept.
-    source = image_text.make_source(settings.source, reinforcements=True)
+    source = image_text.make_source(settings.source, read_reinforcements=True)
     teachers = load_teachers(settings.teachers, settings.get("ensemble_order") or ())
     per_shard = int(settings.samples_per_shard)
     num_shards = -(-len(source) // per_shard)

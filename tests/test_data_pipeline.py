@@ -16,6 +16,9 @@ import pytest
 from PIL import Image
 
 from pretrain.data import pipeline, transforms, webdataset
+from pretrain.data.webdataset import shard_index
+from pretrain.data.webdataset.shards import expand_braces, resolve_shards
+from pretrain.data.webdataset.tar import CorruptShardError, iter_tar_members
 
 IMAGE_SIZE = 16
 CONTEXT = 77
@@ -159,13 +162,13 @@ def _dataset(source, **overrides):
 
 def test_resolve_shards_expands_braces_globs_and_lists(shard_dir):
     expected = [str(shard_dir / f"shard-{n:05d}.tar") for n in range(5)]
-    assert webdataset.resolve_shards(str(shard_dir / "shard-{00000..00004}.tar")) == expected
-    assert webdataset.resolve_shards(str(shard_dir / "shard-*.tar")) == expected
-    assert webdataset.resolve_shards([expected[1], expected[0]]) == [expected[1], expected[0]]
-    assert webdataset.expand_braces("a{1..3}{x,y}") == ["a1x", "a1y", "a2x", "a2y", "a3x", "a3y"]
-    assert webdataset.expand_braces("s{08..10}.tar") == ["s08.tar", "s09.tar", "s10.tar"]
+    assert resolve_shards(str(shard_dir / "shard-{00000..00004}.tar")) == expected
+    assert resolve_shards(str(shard_dir / "shard-*.tar")) == expected
+    assert resolve_shards([expected[1], expected[0]]) == [expected[1], expected[0]]
+    assert expand_braces("a{1..3}{x,y}") == ["a1x", "a1y", "a2x", "a2y", "a3x", "a3y"]
+    assert expand_braces("s{08..10}.tar") == ["s08.tar", "s09.tar", "s10.tar"]
     with pytest.raises(FileNotFoundError):
-        webdataset.resolve_shards(str(shard_dir / "nothing-*.tar"))
+        resolve_shards(str(shard_dir / "nothing-*.tar"))
 
 
 def test_header_scan_matches_python_tarfile(tmp_path):
@@ -185,13 +188,13 @@ def test_header_scan_matches_python_tarfile(tmp_path):
     for path in (tmp_path / "p-0.tar", gnu_path):
         with tarfile.open(path) as tar:
             reference = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-        assert list(webdataset.iter_tar_members(str(path))) == reference
+        assert list(iter_tar_members(str(path))) == reference
     source = webdataset.WebDatasetSource(str(tmp_path / "p-0.tar"))
     assert source[0]["key"] == long_key
     assert source[0]["image_bytes"] == b"\xff" * 3
-    with pytest.raises(webdataset.CorruptShardError):
+    with pytest.raises(CorruptShardError):
         (tmp_path / "not.tar").write_bytes(b"x" * 2048)
-        list(webdataset.iter_tar_members(str(tmp_path / "not.tar")))
+        list(iter_tar_members(str(tmp_path / "not.tar")))
 
 
 def test_source_reads_back_what_was_written(source):
@@ -230,9 +233,9 @@ def test_index_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     assert len(list(cache.glob("*.index.npz"))) == 2
 
     scanned = []
-    real_index_shard = webdataset.index_shard
+    real_index_shard = shard_index.index_shard
     monkeypatch.setattr(
-        webdataset, "index_shard", lambda path: scanned.append(path) or real_index_shard(path)
+        shard_index, "index_shard", lambda path: scanned.append(path) or real_index_shard(path)
     )
     cached = webdataset.WebDatasetSource(paths, index_cache_dir=str(cache))
     assert scanned == []

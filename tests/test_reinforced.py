@@ -29,6 +29,7 @@ from pretrain.data import image_text, scenes, synthetic_scenes, transforms, webd
 from pretrain.data.pipeline import Reinforcement, image_text_dataset
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from pretrain.data.webdataset import datacompdr
 from pretrain.tasks.clip import Task as ClipTask
 
 # ------------------------------------------------------------------- the embedded scenes ----
@@ -99,7 +100,7 @@ def test_webdataset_reads_datacompdr_members(tmp_path):
     paths = webdataset.write_shards(samples, str(tmp_path / "dr-%d.tar"), 3)
     plain = webdataset.WebDatasetSource(paths)  # plain training reads none of them
     assert set(plain[0]) == set(plain[2]) == {"key", "image_bytes", "captions", "metadata"}
-    source = webdataset.WebDatasetSource(paths, reinforcements=True)
+    source = webdataset.WebDatasetSource(paths, read_reinforcements=True)
     record = source[0]
     assert record["captions"] == ["a real caption"]
     assert record["synthetic_captions"] == [f"synthetic {i}" for i in range(5)]
@@ -118,9 +119,9 @@ def test_teacher_embeddings_parse_in_many_threads_at_once():
     payloads = [
         _npz(image_emb=rng.normal(size=(2, 4)), text_emb=rng.normal(size=(3, 4))) for _ in range(64)
     ]
-    expected = [webdataset.parse_teacher_embeddings(p) for p in payloads]
+    expected = [datacompdr.parse_teacher_embeddings(p) for p in payloads]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        parsed = list(pool.map(webdataset.parse_teacher_embeddings, payloads * 40))
+        parsed = list(pool.map(datacompdr.parse_teacher_embeddings, payloads * 40))
     for number, fields in enumerate(parsed):
         reference = expected[number % len(payloads)]
         np.testing.assert_array_equal(
@@ -291,7 +292,7 @@ def test_reinforce_stores_the_teacher_embeddings_of_each_view_and_caption(reinfo
     assert manifest["written"] == 256 and manifest["num_shards"] == 3
     assert manifest["embed_dim"] == 32 and manifest["num_augmentations"] == 4
     shards = webdataset.WebDatasetSource(
-        clip_reinforced.shards_glob(directory), reinforcements=True
+        clip_reinforced.shards_glob(directory), read_reinforcements=True
     )
     originals = image_text.make_source(config.reinforce.source)
     teacher, encode_images, encode_texts = _teacher_encoders(config)
@@ -471,7 +472,7 @@ def test_a_batchnorm_clip_run_can_be_the_teacher(teacher_workdir, tmp_path):
     task, params, model_state = restore_run_variables("", str(resnet_run), "latest")
     assert model_state is not None  # the running statistics are used, not fresh ones
     shards = clip_reinforced.shards_glob(str(tmp_path / "shards"))
-    record = webdataset.WebDatasetSource(shards, reinforcements=True)[3]
+    record = webdataset.WebDatasetSource(shards, read_reinforcements=True)[3]
     image = np.asarray(transforms.decode_to_pil(record["image_bytes"]))
     views = np.stack(
         [

@@ -34,9 +34,9 @@ SOURCES = ("synthetic_scenes", "webdataset", "tfds")
 SYNTHETIC_CAPTIONS = "synthetic_captions"
 
 
-def make_source(source_config: Mapping[str, Any], *, reinforcements: bool = False) -> Any:
-    """A random-access source (``len``, ``[i]``) for one source config; ``reinforcements``:
-    tar shards' records also carry their DataCompDR members (reinforced training)."""
+def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool = False) -> Any:
+    """A random-access source (``len``, ``[i]``) for one source config; ``read_reinforcements``:
+    tar shards' records also carry their stored reinforcements (reinforced training)."""
     kind = source_config.get("source", "")
     split = source_config.get("split", "train")
     data_dir = source_config.get("data_dir") or None
@@ -71,7 +71,9 @@ def make_source(source_config: Mapping[str, Any], *, reinforcements: bool = Fals
             options["index_cache_dir"] = str(source_config["index_cache_dir"])
         if source_config.get("strict") is not None:
             options["strict"] = bool(source_config["strict"])
-        return WebDatasetSource(source_config["shards"], reinforcements=reinforcements, **options)
+        return WebDatasetSource(
+            source_config["shards"], read_reinforcements=read_reinforcements, **options
+        )
     if kind == "tfds":
         import tensorflow_datasets as tfds
 
@@ -179,7 +181,7 @@ def train_dataset(
     """
     train_config = data_config.train
     return pipeline.image_text_dataset(
-        make_source(train_config, reinforcements=fields.get("reinforcement") is not None)
+        make_source(train_config, read_reinforcements=fields.get("reinforcement") is not None)
         if source is None
         else source,
         batch_size_per_process=batch_size,
