@@ -48,7 +48,7 @@ from ml_collections import ConfigDict, config_flags
 from models.two_tower import TwoTowerModel
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
-from pretrain.data import image_text, pipeline, transforms
+from pretrain.data import examples, image_text, records, transforms
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.webdataset import datacompdr, write_shards
 
@@ -202,17 +202,17 @@ def prepare_record(
     crop_ratio: Sequence[float],
 ) -> PreparedRecord | str:
     """A record with its sampled crop boxes, or the reason it is skipped (pipeline's names)."""
-    raw, captions = pipeline.image_and_captions(record)
+    raw, captions = records.image_and_captions(record)
     captions = [_one_line(c) for c in captions]
-    if raw is None or (isinstance(raw, bytes | bytearray) and not raw):
-        return "missing_image"
+    if not records.has_image(raw):
+        return examples.MISSING_IMAGE
     if not captions:
-        return "empty_caption"
+        return examples.EMPTY_CAPTION
     try:
         image = transforms.decode_to_pil(raw)
         format_name = PIL.Image.open(io.BytesIO(raw)).format if isinstance(raw, bytes) else None
     except transforms.CorruptImageError:
-        return "corrupt_image"
+        return examples.CORRUPT_IMAGE
     rng = np.random.default_rng([seed, index])
     scale, ratio = tuple(crop_scale), tuple(crop_ratio)
     boxes = [
@@ -222,7 +222,7 @@ def prepare_record(
     metadata = dict(record.get("metadata") or {})
     if "label" in record:
         metadata["label"] = int(record["label"])
-    synthetic = [_one_line(c) for c in pipeline.caption_list(record.get("synthetic_captions"))]
+    synthetic = [_one_line(c) for c in records.caption_list(record.get(records.SYNTHETIC_CAPTIONS))]
     return PreparedRecord(
         key=str(record.get("key") or f"{index:09d}"),
         image=image,

@@ -16,6 +16,7 @@ from wordnet_env import require_wordnet
 from pretrain import sharding, trainer
 from pretrain.components import transfer_init
 from pretrain.data import pipeline, synthetic_scenes
+from pretrain.data.examples import Plugins
 from pretrain.data.synset_labels import CaptionLabeler
 from pretrain.tasks import catlip, classify
 
@@ -64,7 +65,7 @@ def test_multi_hot_labels_come_from_one_of_the_records_captions():
         train=True,
         image_size=32,
         tokenizer=None,
-        caption_fields=fields,
+        plugins=Plugins(caption_fields=fields),
     )
     batch = next(iter(dataset))
     assert batch["labels"].shape == (8, 3) and batch["labels"].dtype == np.uint8

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pretrain.data import pipeline, transforms, webdataset
+from pretrain.data.examples import Augmentation
 from pretrain.data.webdataset import shard_index
 from pretrain.data.webdataset.shards import expand_braces, resolve_shards
 from pretrain.data.webdataset.tar import CorruptShardError, iter_tar_members
@@ -542,6 +543,25 @@ def test_train_is_deterministic_and_keyed_by_seed_epoch_index(source):
         np.testing.assert_array_equal(batch["text"][0], ByteTokenizer()(caption)[0])
 
 
+def test_flips_and_crops_follow_the_seed_stream():
+    # Recomputed with the transforms alone: caption, crop, then the flip from [seed, 1, epoch, i].
+    records = [{"image": _picture(30, 40, i), "captions": [f"a {i}", f"b {i}"]} for i in range(8)]
+    augmentation = Augmentation(crop_scale=(0.5, 1.0), horizontal_flip=True)
+    batch = _all_batches(
+        _dataset(records, seed=2, batch_size_per_process=8, augmentation=augmentation), limit=1
+    )[0]
+    flipped = 0
+    for row, index in enumerate(batch["index"]):
+        rng = np.random.default_rng([2, 1, 0, int(index)])
+        caption = records[index]["captions"][int(rng.integers(2))]
+        crop = transforms.random_resized_crop(records[index]["image"], IMAGE_SIZE, rng, (0.5, 1.0))
+        if rng.random() < 0.5:
+            crop, flipped = crop[:, ::-1], flipped + 1
+        np.testing.assert_array_equal(batch["image"][row], crop)
+        np.testing.assert_array_equal(batch["text"][row], ByteTokenizer()(caption)[0])
+    assert 0 < flipped < 8
+
+
 def test_caption_choice_random_is_uniform_and_first_is_first():
     record = {
         "image": _picture(8, 8, 0),
@@ -555,7 +575,11 @@ def test_caption_choice_random_is_uniform_and_first_is_first():
     assert all(70 <= count <= 130 for count in counts.values()), counts  # 100 +- 3.5 sigma
     first = _all_batches(
         _dataset(
-            [record], batch_size_per_process=1, num_epochs=20, image_size=8, caption_choice="first"
+            [record],
+            batch_size_per_process=1,
+            num_epochs=20,
+            image_size=8,
+            augmentation=Augmentation(caption_choice="first"),
         )
     )
     assert {_detokenize(batch["text"][0]) for batch in first} == {"zero"}
@@ -668,7 +692,11 @@ def test_all_bad_data_stops_instead_of_spinning():
 
 def test_worker_processes_checkpoint_and_cover(source):
     dataset = _dataset(
-        source, batch_size_per_process=3, worker_count=2, num_epochs=2, drop_remainder=False
+        source,
+        batch_size_per_process=3,
+        workers=pipeline.Workers(count=2),
+        num_epochs=2,
+        drop_remainder=False,
     )
     iterator = iter(dataset)
     try:

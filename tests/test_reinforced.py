@@ -23,10 +23,12 @@ from configs import clip_reinforced
 from losses.distill import ReinforcedLossWeights
 from models.two_tower import TwoTowerModel
 from pretrain import reinforce, sharding, trainer
+from pretrain.components.reinforcements import ReinforcementFields
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
 from pretrain.data import image_text, scenes, synthetic_scenes, transforms, webdataset
-from pretrain.data.pipeline import Reinforcement, image_text_dataset
+from pretrain.data.examples import Augmentation, Plugins
+from pretrain.data.pipeline import image_text_dataset
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.data.webdataset import datacompdr
@@ -175,8 +177,8 @@ def _stream(source, reinforcement, seed=0):
         train=True,
         image_size=SIZE,
         tokenizer=ClipTokenizer(16),
-        reinforcement=reinforcement,
-        horizontal_flip=True,
+        plugins=Plugins(record_fields=reinforcement),
+        augmentation=Augmentation(horizontal_flip=True),
     )
 
 
@@ -184,7 +186,7 @@ def test_pipeline_pairs_the_stored_view_and_caption_rows_with_what_the_example_s
     source = ReinforcedRecords()
     tokenizer = ClipTokenizer(16)
     iterator = iter(
-        _stream(source, Reinforcement(synthetic_captions=True, teacher_embeddings=True))
+        _stream(source, ReinforcementFields(synthetic_captions=True, teacher_embeddings=True))
     )
     views_seen = set()
     for _ in range(6):
@@ -209,10 +211,38 @@ def test_pipeline_pairs_the_stored_view_and_caption_rows_with_what_the_example_s
     assert len(views_seen) > 2
 
 
+def test_reinforced_examples_follow_the_seed_streams():
+    # Recomputed from the streams alone: the caption from [seed, 1, epoch, index], then the
+    # synthetic caption and the view, in that order, from [seed, 3, epoch, index].
+    source, seed = ReinforcedRecords(), 5
+    tokenizer = ClipTokenizer(16)
+    batch = next(iter(_stream(source, ReinforcementFields(True, True), seed=seed)))
+    for row, index in enumerate(batch["index"]):
+        record = source[int(index)]
+        caption = int(np.random.default_rng([seed, 1, 0, int(index)]).integers(CAPTIONS))
+        draws = np.random.default_rng([seed, 3, 0, int(index)])
+        synthetic, view = int(draws.integers(SYNTHETIC)), int(draws.integers(VIEWS))
+        box = tuple(record["augmentation_boxes"][view])
+        np.testing.assert_array_equal(
+            batch["image"][row], transforms.crop_and_resize(record["image"], box, SIZE)
+        )
+        np.testing.assert_array_equal(
+            batch["text"][row], tokenizer([record["captions"][caption]])[0]
+        )
+        np.testing.assert_array_equal(
+            batch["synthetic_text"][row], tokenizer([record["synthetic_captions"][synthetic]])[0]
+        )
+        np.testing.assert_array_equal(batch["teacher_image"][row], _row_code(view))
+        np.testing.assert_array_equal(batch["teacher_text"][row], _row_code(VIEWS + caption))
+        np.testing.assert_array_equal(
+            batch["teacher_synthetic_text"][row], _row_code(VIEWS + CAPTIONS + synthetic)
+        )
+
+
 def test_reinforcement_changes_no_crop_or_caption_without_stored_views():
     source = ReinforcedRecords(boxes=False)
     plain = next(iter(_stream(source, None)))
-    reinforced = next(iter(_stream(source, Reinforcement(True, True))))
+    reinforced = next(iter(_stream(source, ReinforcementFields(True, True))))
     for name in ("image", "text", "index"):
         np.testing.assert_array_equal(plain[name], reinforced[name])
     assert "synthetic_text" not in plain
@@ -248,7 +278,7 @@ def test_bad_reinforcements_are_skipped_and_counted():
         train=True,
         image_size=SIZE,
         tokenizer=ClipTokenizer(16),
-        reinforcement=Reinforcement(True, True),
+        plugins=Plugins(record_fields=ReinforcementFields(True, True)),
         num_epochs=1,
     )
     batches = list(stream)

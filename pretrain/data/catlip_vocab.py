@@ -34,7 +34,7 @@ from typing import Any
 
 from etils import epath
 
-from pretrain.data import pipeline
+from pretrain.data import records
 from pretrain.data.synset_labels import SynsetExtractor, normalize_synset_id, synset_name
 
 HEADER = ("synset_id", "name", "count")
@@ -156,7 +156,7 @@ def read_vocabulary(path: str | os.PathLike) -> list[VocabEntry]:
 
 def _count_records(source: Any, indices: range, extractor: SynsetExtractor) -> collections.Counter:
     captions = (
-        pipeline.image_and_captions(source[index], require_captions=False)[1] for index in indices
+        records.image_and_captions(source[index], require_captions=False)[1] for index in indices
     )
     return count_synsets(captions, extractor)
 

@@ -26,12 +26,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from pretrain.data import pipeline
+from pretrain.data import pipeline, records
+from pretrain.data.examples import (
+    Augmentation,
+    CaptionFields,
+    ExampleExtras,
+    Plugins,
+    RecordPlugin,
+)
 from pretrain.data.tokenizer import ClipTokenizer
 
 SOURCES = ("synthetic_scenes", "webdataset", "tfds")
-# The record field of captioner-written captions (reinforced training), as the pipeline reads it.
-SYNTHETIC_CAPTIONS = "synthetic_captions"
 
 
 def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool = False) -> Any:
@@ -93,7 +98,7 @@ def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool =
             caption_field=source_config.get("caption_field", ""),
             label_field=source_config.get("label_field", "label"),
             synthetic_caption_field=source_config.get(
-                "synthetic_caption_field", SYNTHETIC_CAPTIONS
+                "synthetic_caption_field", records.SYNTHETIC_CAPTIONS
             ),
         )
     raise ValueError(f"unknown data source {kind!r}; choose from {SOURCES}")
@@ -123,7 +128,7 @@ class TfdsRecords:
         image_field: str = "image",
         caption_field: str = "",
         label_field: str = "label",
-        synthetic_caption_field: str = SYNTHETIC_CAPTIONS,
+        synthetic_caption_field: str = records.SYNTHETIC_CAPTIONS,
     ):
         top_level = set(features.keys())
         for name, path in (("image_field", image_field), ("caption_field", caption_field)):
@@ -157,7 +162,7 @@ class TfdsRecords:
         else:
             out["captions"] = _field(record, self._caption_field)
         if self._synthetic_field:
-            out[SYNTHETIC_CAPTIONS] = _field(record, self._synthetic_field)
+            out[records.SYNTHETIC_CAPTIONS] = _field(record, self._synthetic_field)
         return out
 
 
@@ -171,19 +176,25 @@ def train_dataset(
     context_length: int | None = None,
     image_size: int | None = None,
     source: Any = None,
-    **fields: Any,
+    caption_fields: CaptionFields | None = None,
+    example_extras: ExampleExtras | None = None,
+    record_fields: RecordPlugin | None = None,
 ) -> Any:
     """The training stream of ``config.data``: shuffled, cropped (and flipped with
     ``random_horizontal_flip``), per process; tokenised with ``context_length`` (None: no text).
 
-    ``source`` replaces ``make_source(data_config.train)`` (e.g. a subset); ``fields`` go to
-    :func:`pipeline.image_text_dataset` (``example_extras``, ``caption_fields``).
+    ``source`` replaces ``make_source(data_config.train)`` (e.g. a subset, or tar shards read
+    with their reinforcements); the plug-ins add the task's fields (see ``examples.Plugins``).
     """
     train_config = data_config.train
+    augmentation = Augmentation(
+        crop_scale=tuple(data_config.random_resized_crop_scale),
+        crop_ratio=tuple(data_config.random_resized_crop_ratio),
+        horizontal_flip=bool(data_config.get("random_horizontal_flip", False)),
+        caption_choice=train_config.get("caption_choice", "random"),
+    )
     return pipeline.image_text_dataset(
-        make_source(train_config, read_reinforcements=fields.get("reinforcement") is not None)
-        if source is None
-        else source,
+        make_source(train_config) if source is None else source,
         batch_size_per_process=batch_size,
         seed=seed,
         train=True,
@@ -191,13 +202,11 @@ def train_dataset(
         tokenizer=None if context_length is None else ClipTokenizer(context_length),
         process_index=process_index,
         process_count=process_count,
-        caption_choice=train_config.get("caption_choice", "random"),
-        worker_count=int(data_config.worker_count),
-        worker_buffer_size=int(data_config.worker_buffer_size),
-        crop_scale=tuple(data_config.random_resized_crop_scale),
-        crop_ratio=tuple(data_config.random_resized_crop_ratio),
-        horizontal_flip=bool(data_config.get("random_horizontal_flip", False)),
-        **fields,
+        augmentation=augmentation,
+        plugins=Plugins(caption_fields, example_extras, record_fields),
+        workers=pipeline.Workers(
+            count=int(data_config.worker_count), buffer_size=int(data_config.worker_buffer_size)
+        ),
     )
 
 
@@ -230,7 +239,7 @@ def eval_batches(
         tokenizer=ClipTokenizer(context_length) if with_text else None,
         drop_remainder=False,
         num_eval_captions=num_captions,
-        worker_count=worker_count,
+        workers=pipeline.Workers(count=worker_count),
     )
     for batch in dataset:
         valid = np.asarray(batch["valid"], bool)

@@ -214,8 +214,11 @@ class Task(base.Task):
     def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
         extras = {}
         if self.reinforced is not None:
-            extras["reinforcement"] = self.reinforced.pipeline_fields()
-            prepare_reinforced_data(self.config)
+            prepare_reinforced_data(self.config)  # the shards exist before they are opened
+            extras["source"] = image_text.make_source(
+                self.config.data.train, read_reinforcements=True
+            )
+            extras["record_fields"] = self.reinforced.record_fields()
         return image_text.train_dataset(
             self.config.data,
             batch_size=batch_size,
