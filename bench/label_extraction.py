@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/label_extraction.py [--count 20000] [--seed 0]
 
-Two caption sets: (a) the embedded scenes' captions (pretrain/data/scenes.py; scenes are sampled,
+Two caption sets: (a) the embedded scenes' captions (pretrain/data/scenes/; scenes are sampled,
 not rendered) and (b) synthetic web-like captions: 10-20 words drawn Zipf-like from WordNet's
 single-word lemmas and filler words, with plurals, capitals, punctuation and some HTML and
 URL-encoding. Each set is timed twice with one fresh SynsetExtractor in this process: the first

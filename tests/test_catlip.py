@@ -15,8 +15,9 @@ from wordnet_env import require_wordnet
 
 from pretrain import sharding, trainer
 from pretrain.components import transfer_init
-from pretrain.data import pipeline, synthetic_scenes
+from pretrain.data import pipeline
 from pretrain.data.examples import Plugins
+from pretrain.data.scenes import builder
 from pretrain.data.synset_labels import CaptionLabeler
 from pretrain.tasks import catlip, classify
 
@@ -57,7 +58,7 @@ def test_multi_hot_labels_come_from_one_of_the_records_captions():
     vocabulary = ["n14514039", "n2084071", "n4962784"]  # sphere.n.01, dog.n.01, red.n.01
     labeler = CaptionLabeler(vocabulary)
     fields = pickle.loads(pickle.dumps(catlip.MultiHotLabels(vocabulary)))
-    source = synthetic_scenes.data_source("train", "tiny")
+    source = builder.data_source("train", "tiny")
     dataset = pipeline.image_text_dataset(
         source,
         batch_size_per_process=8,

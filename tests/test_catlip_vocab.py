@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import wordnet_env
 
-from pretrain.data import catlip_vocab, pipeline, scenes, synthetic_scenes
+from pretrain.data import catlip_vocab, pipeline, scenes
 from pretrain.data.catlip_vocab import VocabEntry
+from pretrain.data.scenes import builder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOG, CAT, CAR, BICYCLE, RED, TWO = (
@@ -125,7 +126,7 @@ def _passes_rule(noun: str) -> str | None:
 
 
 def test_command_line_with_workers_matches_one_process(require_wordnet, tmp_path):
-    source = synthetic_scenes.data_source("train", "tiny")  # built here once, reused below
+    source = builder.data_source("train", "tiny")  # built here once, reused below
     reference = catlip_vocab.count_synsets(
         pipeline.image_and_captions(source[i], require_captions=False)[1]
         for i in range(len(source))

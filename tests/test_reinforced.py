@@ -26,9 +26,10 @@ from pretrain import reinforce, sharding, trainer
 from pretrain.components.reinforcements import ReinforcementFields
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
-from pretrain.data import image_text, scenes, synthetic_scenes, transforms, webdataset
+from pretrain.data import image_text, scenes, transforms, webdataset
 from pretrain.data.examples import Augmentation, Plugins
 from pretrain.data.pipeline import image_text_dataset
+from pretrain.data.scenes import builder
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
 from pretrain.data.webdataset import datacompdr
@@ -61,7 +62,7 @@ def test_tfds_scenes_records_carry_synthetic_captions():
         {"source": "synthetic_scenes", "scenes_config": "tiny", "split": "train"}
     )
     record = source[5]
-    seed = int(synthetic_scenes.data_source("train", "tiny")[5]["seed"])
+    seed = int(builder.data_source("train", "tiny")[5]["seed"])
     expected = scenes.make_example(seed, 32)
     decoded = [c.decode() if isinstance(c, bytes) else c for c in record["synthetic_captions"]]
     assert decoded == expected["synthetic_captions"]
