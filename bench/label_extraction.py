@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from pretrain.data import scenes  # noqa: E402
-from pretrain.data.synset_labels import SynsetExtractor, _plain_words, clean_caption  # noqa: E402
-from pretrain.data.wordnet import load_wordnet  # noqa: E402
+from pretrain.data.synsets.labels import SynsetExtractor, _plain_words, clean_caption  # noqa: E402
+from pretrain.data.synsets.wordnet import load_wordnet  # noqa: E402
 
 FILLER_WORDS = (
     "a", "the", "of", "in", "on", "with", "and", "for", "at", "by", "to", "from", "is", "are",

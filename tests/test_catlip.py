@@ -18,7 +18,7 @@ from pretrain.components import transfer_init
 from pretrain.data import pipeline
 from pretrain.data.examples import Plugins
 from pretrain.data.scenes import builder
-from pretrain.data.synset_labels import CaptionLabeler
+from pretrain.data.synsets.labels import CaptionLabeler
 from pretrain.tasks import catlip, classify
 
 
@@ -148,11 +148,11 @@ def test_full_catlip_recipe_compiles_one_sharded_step_on_8_devices(tmp_path):
     classifier) with a reduced batch on a fsdp=4 x model=2 mesh: no data or weights needed."""
     from compile_recipe import compile_recipe
 
-    from pretrain.data import catlip_vocab
+    from pretrain.data.synsets import vocabulary
 
     vocab = tmp_path / "vocab.tsv"
-    entries = [catlip_vocab.VocabEntry(f"n{i + 1}", f"s{i}", 600) for i in range(24_320)]
-    catlip_vocab.write_vocabulary(vocab, entries)
+    entries = [vocabulary.VocabEntry(f"n{i + 1}", f"s{i}", 600) for i in range(24_320)]
+    vocabulary.write_vocabulary(vocab, entries)
     log = compile_recipe(
         "configs/catlip_vitb16.py",
         tmp_path / "run",

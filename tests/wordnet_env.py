@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pretrain.data import wordnet
+from pretrain.data.synsets import wordnet
 
 
 def require_wordnet() -> None:

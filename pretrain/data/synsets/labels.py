@@ -1,4 +1,4 @@
-"""CatLIP's caption labels: the WordNet noun synsets a caption names, by CoreNet's rule.
+"""Caption labels: the WordNet noun synsets a caption names, by CoreNet's rule.
 
 For each caption (CoreNet's ``caption_preprocessing`` then its ``convert_caption_to_labels``):
 
@@ -40,7 +40,7 @@ from typing import Any
 import ftfy
 import numpy as np
 
-from pretrain.data.wordnet import load_wordnet
+from pretrain.data.synsets.wordnet import load_wordnet
 
 # Bounded so that a web-scale stream of rare tokens (typos, numbers, URLs) cannot grow a worker's
 # memory without limit; frequent words are met early and stay cached.
@@ -260,7 +260,7 @@ class SynsetExtractor:
 
 
 class CaptionLabeler:
-    """Caption -> rows of a synset vocabulary (CatLIP's multi-hot classification targets).
+    """Caption -> rows of a synset vocabulary (multi-hot classification targets).
 
     ``vocabulary``: synset ids, one per class row (zero-padded ImageNet wnids are accepted).
     Synsets of the caption outside the vocabulary are ignored. Picklable.
