@@ -2,18 +2,15 @@
 
     python -m pretrain.reinforce --config=configs/clip_reinforced.py:runlocal
 
-reads ``config.reinforce`` and writes webdataset tar shards that MobileCLIP's reinforced training
-(and this project's, ``config.reinforced``) reads. Per sample, as DataCompDR-12M/1B lay it out:
-
-* the image (its original bytes; decoded sources such as TFDS as PNG), ``txt`` (the real
-  captions, one per line), ``json`` (the source's metadata and label, if any);
-* ``syn.json``: ``{"syn_text": [...]}``, the record's synthetic captions (the source's
-  ``synthetic_captions``; none when it has none);
-* ``paug.json``: ``{"param_aug": [[[top, left, height, width], []], ...]}``, the crop boxes of
-  ``num_augmentations`` random resized crops (torchvision's sampling, in the image's pixels);
-* ``npz``: ``image_emb`` (A, D), the teachers' embeddings of those A views, and ``text_emb``
-  (T, D) of the real then the synthetic captions; with several teachers their L2-normalised
-  embeddings stand side by side (D = sum of their dimensions), stored as ``storage_dtype``.
+reads ``config.reinforce`` and writes webdataset tar shards that reinforced training reads
+(``config.reinforced``; MobileCLIP's reads them too). Per sample, as DataCompDR-12M/1B lay it out:
+the image (its original bytes; decoded sources such as TFDS as PNG), ``txt`` (the real captions,
+one per line), ``json`` (the source's metadata and label, if any) and the reinforcements
+(``pretrain/data/webdataset/datacompdr.py``): the record's synthetic captions, the crop boxes of
+``num_augmentations`` random resized crops (torchvision's sampling, in the image's pixels) and
+the teachers' embeddings of those views and of the real then the synthetic captions; with several
+teachers their L2-normalised embeddings stand side by side (D = sum of their dimensions), stored
+as ``storage_dtype``.
 
 ``config.reinforce``: ``teachers`` (named teacher specs, see pretrain/components/teachers.py: a run
 of this project or open_clip weights), ``ensemble_order`` (their names in the order their
@@ -201,7 +198,7 @@ def prepare_record(
     crop_scale: Sequence[float],
     crop_ratio: Sequence[float],
 ) -> PreparedRecord | str:
-    """A record with its sampled crop boxes, or the reason it is skipped (pipeline's names)."""
+    """A record with its sampled crop boxes, or the reason it is skipped (the example maker's)."""
     raw, captions = records.image_and_captions(record)
     captions = [_one_line(c) for c in captions]
     if not records.has_image(raw):

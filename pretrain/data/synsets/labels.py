@@ -18,13 +18,12 @@ For each caption (CoreNet's ``caption_preprocessing`` then its ``convert_caption
 
 Example: "An image of black dog." -> image n5928118, black n4960277, dog n2084071.
 
-Speed: steps 2-3 cost tens to hundreds of microseconds per caption. A word's label depends on the
-word only, so :class:`SynsetExtractor` caches word -> label (web captions repeat a small vocabulary
-of words: after a warm-up nearly every word is a dictionary hit), and captions made only of
-lower-case ASCII letters, digits, spaces, hyphens and some punctuation (optionally ending in a
-period), where the tokenizer's rules reduce to a few local ones and a whitespace split, skip the
-full regex tokenizer (about 200 microseconds per caption). The extractor pickles without its
-cache and WordNet reader, so it can be sent to grain worker processes.
+Speed: a word's label depends on the word only, so :class:`SynsetExtractor` caches word -> label
+(web captions repeat a small vocabulary of words), and captions made only of lower-case ASCII
+letters, digits, spaces, hyphens and some punctuation (optionally ending in a period), where the
+tokenizer's rules reduce to a few local ones and a whitespace split, skip the full regex
+tokenizer. The extractor pickles without its cache and WordNet reader, so it can be sent to grain
+worker processes.
 """
 
 from __future__ import annotations
