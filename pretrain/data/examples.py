@@ -25,9 +25,9 @@ from pretrain.data import records, transforms
 MISSING_IMAGE, CORRUPT_IMAGE, EMPTY_CAPTION = "missing_image", "corrupt_image", "empty_caption"
 CAPTION_CHOICES = ("random", "first")
 
-# The random streams of a training example, each seeded by [seed, stream, epoch, record index]:
-# a function of those alone, so an example does not depend on process or worker counts, and one
-# stream per consumer (0 is the shuffle's, see pipeline.shuffle_seed).
+# The random streams of an example (crop and caption, and the record plug-in's: training only),
+# each seeded by [seed, stream, epoch, record index] alone, so an example does not depend on
+# process or worker counts; one stream per consumer (0 is the shuffle's, pipeline.shuffle_seed).
 CROP_AND_CAPTION_STREAM, EXTRAS_STREAM, RECORD_FIELDS_STREAM = 1, 2, 3
 
 _logger = logging.getLogger(__name__)
