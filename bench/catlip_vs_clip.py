@@ -34,7 +34,7 @@ from bench.train_step import random_batch  # noqa: E402
 from configs.catlip_vitb16 import get_config as catlip_config  # noqa: E402
 from configs.clip_vitb16 import get_config as clip_config  # noqa: E402
 from pretrain import sharding, trainer  # noqa: E402
-from pretrain.data import catlip_vocab  # noqa: E402
+from pretrain.data.synsets import vocabulary  # noqa: E402
 from pretrain.optim import make_optimizer  # noqa: E402
 from pretrain.tasks import base  # noqa: E402
 
@@ -43,8 +43,8 @@ POSITIVES_PER_IMAGE = 6
 
 
 def fake_vocabulary(path: Path, size: int) -> None:
-    entries = [catlip_vocab.VocabEntry(f"n{i + 1}", f"synset{i}", 1000) for i in range(size)]
-    catlip_vocab.write_vocabulary(path, entries)
+    entries = [vocabulary.VocabEntry(f"n{i + 1}", f"synset{i}", 1000) for i in range(size)]
+    vocabulary.write_vocabulary(path, entries)
 
 
 def catlip_batch(batch: int, image_size: int, classes: int) -> dict[str, np.ndarray]:

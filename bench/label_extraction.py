@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/label_extraction.py [--count 20000] [--seed 0]
 
-Two caption sets: (a) the embedded scenes' captions (pretrain/data/scenes.py; scenes are sampled,
+Two caption sets: (a) the embedded scenes' captions (pretrain/data/scenes/; scenes are sampled,
 not rendered) and (b) synthetic web-like captions: 10-20 words drawn Zipf-like from WordNet's
 single-word lemmas and filler words, with plurals, capitals, punctuation and some HTML and
 URL-encoding. Each set is timed twice with one fresh SynsetExtractor in this process: the first
@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from pretrain.data import scenes  # noqa: E402
-from pretrain.data.synset_labels import SynsetExtractor, _plain_words, clean_caption  # noqa: E402
-from pretrain.data.wordnet import load_wordnet  # noqa: E402
+from pretrain.data.synsets.labels import SynsetExtractor, _plain_words, clean_caption  # noqa: E402
+from pretrain.data.synsets.wordnet import load_wordnet  # noqa: E402
 
 FILLER_WORDS = (
     "a", "the", "of", "in", "on", "with", "and", "for", "at", "by", "to", "from", "is", "are",

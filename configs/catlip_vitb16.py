@@ -1,6 +1,6 @@
 """CatLIP pretraining on DataComp-1.3B, paper 002 ("CatLIP"), Table 6 (b) and Appendix A.
 
-  python -m pretrain.data.catlip_vocab --config=configs/catlip_vitb16.py --output=vocab.tsv \
+  python -m pretrain.data.synsets.vocabulary --config=configs/catlip_vitb16.py --output=vocab.tsv \
       --config.data.train.shards='/data/datacomp/{00000000..00139999}.tar'
   python -m pretrain.main --config=configs/catlip_vitb16.py --workdir=DIR \
       --config.data.train.shards='/data/datacomp/{00000000..00139999}.tar' \
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.ema_decay = 0.9995  # not in Table 6: CoreNet's CatLIP recipes
     config.vocab = ConfigDict(
         {
-            # TSV from `python -m pretrain.data.catlip_vocab` (synset_id, name, count).
+            # TSV from `python -m pretrain.data.synsets.vocabulary` (synset_id, name, count).
             "path": placeholder(str),
             "min_count": 500,  # V_tau (Section 3.2, Appendix B)
             "max_size": 0,  # 0: every synset with count >= min_count (24,320 on DataComp-1.3B)

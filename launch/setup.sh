@@ -16,7 +16,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 echo "set-up: .venv ready ($(.venv/bin/python -c 'import jax; print("jax", jax.__version__)'))"
 # WordNet for CatLIP's caption labels, into .venv/nltk_data (offline on Debian/Ubuntu).
-.venv/bin/python -m pretrain.data.wordnet
+.venv/bin/python -m pretrain.data.synsets.wordnet
 
 if [[ " $* " == *" --torch "* ]]; then
   torch_python=${TORCH_PYTHON_BASE:-python3.11}

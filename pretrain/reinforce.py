@@ -2,18 +2,15 @@
 
     python -m pretrain.reinforce --config=configs/clip_reinforced.py:runlocal
 
-reads ``config.reinforce`` and writes webdataset tar shards that MobileCLIP's reinforced training
-(and this project's, ``config.reinforced``) reads. Per sample, as DataCompDR-12M/1B lay it out:
-
-* the image (its original bytes; decoded sources such as TFDS as PNG), ``txt`` (the real
-  captions, one per line), ``json`` (the source's metadata and label, if any);
-* ``syn.json``: ``{"syn_text": [...]}``, the record's synthetic captions (the source's
-  ``synthetic_captions``; none when it has none);
-* ``paug.json``: ``{"param_aug": [[[top, left, height, width], []], ...]}``, the crop boxes of
-  ``num_augmentations`` random resized crops (torchvision's sampling, in the image's pixels);
-* ``npz``: ``image_emb`` (A, D), the teachers' embeddings of those A views, and ``text_emb``
-  (T, D) of the real then the synthetic captions; with several teachers their L2-normalised
-  embeddings stand side by side (D = sum of their dimensions), stored as ``storage_dtype``.
+reads ``config.reinforce`` and writes webdataset tar shards that reinforced training reads
+(``config.reinforced``; MobileCLIP's reads them too). Per sample, as DataCompDR-12M/1B lay it out:
+the image (its original bytes; decoded sources such as TFDS as PNG), ``txt`` (the real captions,
+one per line), ``json`` (the source's metadata and label, if any) and the reinforcements
+(``pretrain/data/webdataset/datacompdr.py``): the record's synthetic captions, the crop boxes of
+``num_augmentations`` random resized crops (torchvision's sampling, in the image's pixels) and
+the teachers' embeddings of those views and of the real then the synthetic captions; with several
+teachers their L2-normalised embeddings stand side by side (D = sum of their dimensions), stored
+as ``storage_dtype``.
 
 ``config.reinforce``: ``teachers`` (named teacher specs, see pretrain/components/teachers.py: a run
 of this project or open_clip weights), ``ensemble_order`` (their names in the order their
@@ -48,12 +45,12 @@ from ml_collections import ConfigDict, config_flags
 from models.two_tower import TwoTowerModel
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
-from pretrain.data import image_text, pipeline, transforms, webdataset
+from pretrain.data import examples, image_text, records, transforms
 from pretrain.data.tokenizer import ClipTokenizer
+from pretrain.data.webdataset import datacompdr, write_shards
 
 MANIFEST = "reinforcement.json"
 SHARD_PATTERN = "reinforced-%05d.tar"
-SHARD_GLOB = "reinforced-*.tar"
 
 
 @dataclasses.dataclass
@@ -201,18 +198,18 @@ def prepare_record(
     crop_scale: Sequence[float],
     crop_ratio: Sequence[float],
 ) -> PreparedRecord | str:
-    """A record with its sampled crop boxes, or the reason it is skipped (pipeline's names)."""
-    raw, captions = pipeline.image_and_captions(record)
+    """A record with its sampled crop boxes, or the reason it is skipped (the example maker's)."""
+    raw, captions = records.image_and_captions(record)
     captions = [_one_line(c) for c in captions]
-    if raw is None or (isinstance(raw, bytes | bytearray) and not raw):
-        return "missing_image"
+    if not records.has_image(raw):
+        return examples.MISSING_IMAGE
     if not captions:
-        return "empty_caption"
+        return examples.EMPTY_CAPTION
     try:
         image = transforms.decode_to_pil(raw)
         format_name = PIL.Image.open(io.BytesIO(raw)).format if isinstance(raw, bytes) else None
     except transforms.CorruptImageError:
-        return "corrupt_image"
+        return examples.CORRUPT_IMAGE
     rng = np.random.default_rng([seed, index])
     scale, ratio = tuple(crop_scale), tuple(crop_ratio)
     boxes = [
@@ -222,7 +219,7 @@ def prepare_record(
     metadata = dict(record.get("metadata") or {})
     if "label" in record:
         metadata["label"] = int(record["label"])
-    synthetic = [_one_line(c) for c in pipeline.caption_list(record.get("synthetic_captions"))]
+    synthetic = [_one_line(c) for c in records.caption_list(record.get(records.SYNTHETIC_CAPTIONS))]
     return PreparedRecord(
         key=str(record.get("key") or f"{index:09d}"),
         image=image,
@@ -262,12 +259,6 @@ def embed_records(
     return out
 
 
-def _npz_bytes(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, image_emb=image_emb.astype(dtype), text_emb=text_emb.astype(dtype))
-    return buffer.getvalue()
-
-
 def shard_sample(
     record: PreparedRecord, image_emb: np.ndarray, text_emb: np.ndarray, dtype: str
 ) -> dict[str, Any]:
@@ -278,9 +269,9 @@ def shard_sample(
         extension: payload,
         "txt": "\n".join(record.captions),
         "json": record.metadata,
-        "syn.json": {"syn_text": record.synthetic_captions},
-        "paug.json": {"param_aug": [[list(box), []] for box in record.boxes]},
-        "npz": _npz_bytes(image_emb, text_emb, dtype),
+        **datacompdr.reinforcement_members(
+            record.synthetic_captions, record.boxes, image_emb, text_emb, dtype
+        ),
     }
 
 
@@ -310,7 +301,7 @@ def _write_shard(samples: Sequence[dict[str, Any]], path: Path) -> None:
     """One whole shard at ``path``, renamed into place when complete (possibly empty)."""
     partial = path.with_name(f"{path.name}.part")
     if samples:
-        webdataset.write_shards(samples, f"{partial}.%d", len(samples))
+        write_shards(samples, f"{partial}.%d", len(samples))
         os.replace(f"{partial}.0", path)
     else:
         with tarfile.open(partial, "w"):
@@ -380,7 +371,7 @@ def reinforce(
     output.mkdir(parents=True, exist_ok=True)
     check_same_job(output, job_description(settings))
     # Synthetic captions already in the source's shards (syn.json) are kept.
-    source = image_text.make_source(settings.source, reinforcements=True)
+    source = image_text.make_source(settings.source, read_reinforcements=True)
     teachers = load_teachers(settings.teachers, settings.get("ensemble_order") or ())
     per_shard = int(settings.samples_per_shard)
     num_shards = -(-len(source) // per_shard)

@@ -15,8 +15,10 @@ from wordnet_env import require_wordnet
 
 from pretrain import modes, sharding, trainer
 from pretrain.components import transfer_init
-from pretrain.data import pipeline, synthetic_scenes
-from pretrain.data.synset_labels import CaptionLabeler
+from pretrain.data import pipeline
+from pretrain.data.examples import Plugins
+from pretrain.data.scenes import builder
+from pretrain.data.synsets.labels import CaptionLabeler
 from pretrain.tasks import catlip, classify
 
 
@@ -56,7 +58,7 @@ def test_multi_hot_labels_come_from_one_of_the_records_captions():
     vocabulary = ["n14514039", "n2084071", "n4962784"]  # sphere.n.01, dog.n.01, red.n.01
     labeler = CaptionLabeler(vocabulary)
     fields = pickle.loads(pickle.dumps(catlip.MultiHotLabels(vocabulary)))
-    source = synthetic_scenes.data_source("train", "tiny")
+    source = builder.data_source("train", "tiny")
     dataset = pipeline.image_text_dataset(
         source,
         batch_size_per_process=8,
@@ -64,7 +66,7 @@ def test_multi_hot_labels_come_from_one_of_the_records_captions():
         train=True,
         image_size=32,
         tokenizer=None,
-        caption_fields=fields,
+        plugins=Plugins(caption_fields=fields),
     )
     batch = next(iter(dataset))
     assert batch["labels"].shape == (8, 3) and batch["labels"].dtype == np.uint8
@@ -146,11 +148,11 @@ def test_full_catlip_recipe_compiles_one_sharded_step_on_8_devices(tmp_path):
     classifier) with a reduced batch on a fsdp=4 x model=2 mesh: no data or weights needed."""
     from compile_recipe import compile_recipe
 
-    from pretrain.data import catlip_vocab
+    from pretrain.data.synsets import vocabulary
 
     vocab = tmp_path / "vocab.tsv"
-    entries = [catlip_vocab.VocabEntry(f"n{i + 1}", f"s{i}", 600) for i in range(24_320)]
-    catlip_vocab.write_vocabulary(vocab, entries)
+    entries = [vocabulary.VocabEntry(f"n{i + 1}", f"s{i}", 600) for i in range(24_320)]
+    vocabulary.write_vocabulary(vocab, entries)
     log = compile_recipe(
         "configs/catlip_vitb16.py",
         tmp_path / "run",

@@ -1,4 +1,4 @@
-"""Tests of the CatLIP vocabulary builder: per-record counting, threshold and order, the TSV file,
+"""Tests of the synset vocabulary builder: per-record counting, threshold and order, the TSV file,
 and the command line (worker processes) on the tiny embedded scenes against a one-process count.
 
 Without WordNet the tests that need it skip; with ``REQUIRE_WORDNET=1`` (CI) they fail instead.
@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import wordnet_env
 
-from pretrain.data import catlip_vocab, pipeline, scenes, synthetic_scenes
-from pretrain.data.catlip_vocab import VocabEntry
+from pretrain.data import scenes
+from pretrain.data.records import image_and_captions
+from pretrain.data.scenes import builder
+from pretrain.data.synsets import counting, vocabulary
+from pretrain.data.synsets.vocabulary import VocabEntry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOG, CAT, CAR, BICYCLE, RED, TWO = (
@@ -42,33 +45,33 @@ def test_a_synset_counts_once_per_record(require_wordnet):
         ["cat", "CAT!"],  # cat once
         [],
     ]
-    counts = catlip_vocab.count_synsets(records)
+    counts = counting.count_synsets(records)
     assert counts == collections.Counter({DOG: 2, CAT: 2, TWO: 1})
 
 
 def test_threshold_and_order(require_wordnet):
     counts = {DOG: 5, CAT: 5, "n02958343": 7, BICYCLE: 2, RED: 3}
     # Count descending; the tie between dog (2084071) and cat (2121620) broken by offset.
-    assert catlip_vocab.build_vocabulary(counts, min_count=3) == [
+    assert vocabulary.build_vocabulary(counts, min_count=3) == [
         VocabEntry(CAR, "car.n.01", 7),
         VocabEntry(DOG, "dog.n.01", 5),
         VocabEntry(CAT, "cat.n.01", 5),
         VocabEntry(RED, "red.n.01", 3),
     ]
-    truncated = catlip_vocab.build_vocabulary(counts, min_count=1, max_size=2)
+    truncated = vocabulary.build_vocabulary(counts, min_count=1, max_size=2)
     assert [entry.synset_id for entry in truncated] == [CAR, DOG]
-    assert catlip_vocab.build_vocabulary(counts, min_count=8) == []
+    assert vocabulary.build_vocabulary(counts, min_count=8) == []
     with pytest.raises(ValueError, match="min_count"):
-        catlip_vocab.build_vocabulary(counts, min_count=0)
+        vocabulary.build_vocabulary(counts, min_count=0)
 
 
 def test_tsv_round_trip(tmp_path):
     entries = [VocabEntry(CAR, "car.n.01", 7), VocabEntry(DOG, "dog.n.01", 5)]
     path = tmp_path / "sub" / "vocab.tsv"
-    catlip_vocab.write_vocabulary(path, entries)
+    vocabulary.write_vocabulary(path, entries)
     expected = "synset_id\tname\tcount\nn2958343\tcar.n.01\t7\nn2084071\tdog.n.01\t5\n"
     assert path.read_text() == expected
-    assert catlip_vocab.read_vocabulary(path) == entries
+    assert vocabulary.read_vocabulary(path) == entries
     assert sorted(p.name for p in path.parent.iterdir()) == ["vocab.tsv"]  # no temporary left
 
 
@@ -90,7 +93,7 @@ def test_malformed_tsv_names_the_line(tmp_path, text, message):
     path = tmp_path / "bad.tsv"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
-        catlip_vocab.read_vocabulary(path)
+        vocabulary.read_vocabulary(path)
 
 
 def test_vocabulary_from_a_source_counts_all_records(require_wordnet):
@@ -100,7 +103,7 @@ def test_vocabulary_from_a_source_counts_all_records(require_wordnet):
         {"image_bytes": None, "caption": "a red car"},
         {"image": b"x"},  # no caption field at all
     ]
-    entries, records = catlip_vocab.vocabulary_from_source(
+    entries, records = vocabulary.vocabulary_from_source(
         source, min_count=1, processes=1, progress_every=0
     )
     assert records == 4
@@ -125,16 +128,15 @@ def _passes_rule(noun: str) -> str | None:
 
 
 def test_command_line_with_workers_matches_one_process(require_wordnet, tmp_path):
-    source = synthetic_scenes.data_source("train", "tiny")  # built here once, reused below
-    reference = catlip_vocab.count_synsets(
-        pipeline.image_and_captions(source[i], require_captions=False)[1]
-        for i in range(len(source))
+    source = builder.data_source("train", "tiny")  # built here once, reused below
+    reference = counting.count_synsets(
+        image_and_captions(source[i], require_captions=False)[1] for i in range(len(source))
     )
     output = tmp_path / "vocab.tsv"
     command = [
         sys.executable,
         "-m",
-        "pretrain.data.catlip_vocab",
+        "pretrain.data.synsets.vocabulary",
         "--config=tests/tiny_catlip_vocab_config.py",
         f"--output={output}",
         "--processes=2",
@@ -143,9 +145,9 @@ def test_command_line_with_workers_matches_one_process(require_wordnet, tmp_path
         command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    entries = catlip_vocab.read_vocabulary(output)
+    entries = vocabulary.read_vocabulary(output)
     # min_count comes from the config's vocab.min_count (5); counts equal the one-process count.
-    assert entries == catlip_vocab.build_vocabulary(reference, min_count=5)
+    assert entries == vocabulary.build_vocabulary(reference, min_count=5)
     assert len(entries) > 20
     counts = {entry.synset_id: entry.count for entry in entries}
     nouns = [noun for shape_nouns in scenes.SHAPE_NOUNS.values() for noun in shape_nouns]

@@ -16,6 +16,10 @@ import pytest
 from PIL import Image
 
 from pretrain.data import pipeline, transforms, webdataset
+from pretrain.data.examples import Augmentation
+from pretrain.data.webdataset import shard_index
+from pretrain.data.webdataset.shards import expand_braces, resolve_shards
+from pretrain.data.webdataset.tar import CorruptShardError, iter_tar_members
 
 IMAGE_SIZE = 16
 CONTEXT = 77
@@ -34,6 +38,11 @@ class ByteTokenizer:
             ids = np.frombuffer(text.encode("utf-8"), np.uint8)[: self.context_length] + 1
             tokens[row, : len(ids)] = ids
         return tokens
+
+
+def _decoded(data, **options) -> np.ndarray:
+    """The RGB array the pipeline decodes ``data`` to."""
+    return np.asarray(transforms.decode_to_pil(data, **options))
 
 
 def _detokenize(tokens: np.ndarray) -> str:
@@ -154,13 +163,13 @@ def _dataset(source, **overrides):
 
 def test_resolve_shards_expands_braces_globs_and_lists(shard_dir):
     expected = [str(shard_dir / f"shard-{n:05d}.tar") for n in range(5)]
-    assert webdataset.resolve_shards(str(shard_dir / "shard-{00000..00004}.tar")) == expected
-    assert webdataset.resolve_shards(str(shard_dir / "shard-*.tar")) == expected
-    assert webdataset.resolve_shards([expected[1], expected[0]]) == [expected[1], expected[0]]
-    assert webdataset.expand_braces("a{1..3}{x,y}") == ["a1x", "a1y", "a2x", "a2y", "a3x", "a3y"]
-    assert webdataset.expand_braces("s{08..10}.tar") == ["s08.tar", "s09.tar", "s10.tar"]
+    assert resolve_shards(str(shard_dir / "shard-{00000..00004}.tar")) == expected
+    assert resolve_shards(str(shard_dir / "shard-*.tar")) == expected
+    assert resolve_shards([expected[1], expected[0]]) == [expected[1], expected[0]]
+    assert expand_braces("a{1..3}{x,y}") == ["a1x", "a1y", "a2x", "a2y", "a3x", "a3y"]
+    assert expand_braces("s{08..10}.tar") == ["s08.tar", "s09.tar", "s10.tar"]
     with pytest.raises(FileNotFoundError):
-        webdataset.resolve_shards(str(shard_dir / "nothing-*.tar"))
+        resolve_shards(str(shard_dir / "nothing-*.tar"))
 
 
 def test_header_scan_matches_python_tarfile(tmp_path):
@@ -180,13 +189,13 @@ def test_header_scan_matches_python_tarfile(tmp_path):
     for path in (tmp_path / "p-0.tar", gnu_path):
         with tarfile.open(path) as tar:
             reference = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-        assert webdataset.scan_tar_members(str(path)) == reference
+        assert list(iter_tar_members(str(path))) == reference
     source = webdataset.WebDatasetSource(str(tmp_path / "p-0.tar"))
     assert source[0]["key"] == long_key
     assert source[0]["image_bytes"] == b"\xff" * 3
-    with pytest.raises(webdataset.CorruptShardError):
+    with pytest.raises(CorruptShardError):
         (tmp_path / "not.tar").write_bytes(b"x" * 2048)
-        webdataset.scan_tar_members(str(tmp_path / "not.tar"))
+        list(iter_tar_members(str(tmp_path / "not.tar")))
 
 
 def test_source_reads_back_what_was_written(source):
@@ -225,9 +234,9 @@ def test_index_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     assert len(list(cache.glob("*.index.npz"))) == 2
 
     scanned = []
-    real_index_shard = webdataset.index_shard
+    real_index_shard = shard_index.index_shard
     monkeypatch.setattr(
-        webdataset, "index_shard", lambda path: scanned.append(path) or real_index_shard(path)
+        shard_index, "index_shard", lambda path: scanned.append(path) or real_index_shard(path)
     )
     cached = webdataset.WebDatasetSource(paths, index_cache_dir=str(cache))
     assert scanned == []
@@ -276,20 +285,18 @@ def test_decode_image_colour_modes_match_pil_rgb():
         (cmyk_jpeg, np.asarray(Image.open(io.BytesIO(cmyk_jpeg)).convert("RGB"))),
         (_encode(rgb, "WEBP", lossless=True), picture),
     ]:
-        decoded = transforms.decode_image(encoded)
+        decoded = _decoded(encoded)
         assert decoded.dtype == np.uint8 and decoded.shape == (20, 30, 3)
         np.testing.assert_array_equal(decoded, reference)
 
     sixteen_bit = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
-    decoded = transforms.decode_image(_encode(Image.fromarray(sixteen_bit), "PNG"))
+    decoded = _decoded(_encode(Image.fromarray(sixteen_bit), "PNG"))
     np.testing.assert_array_equal(decoded[..., 0], np.rint(sixteen_bit / 257.0).astype(np.uint8))
 
-    np.testing.assert_array_equal(transforms.decode_image(picture), picture)
-    np.testing.assert_array_equal(
-        transforms.decode_image(picture[..., 0]), np.repeat(picture[..., :1], 3, 2)
-    )
+    np.testing.assert_array_equal(_decoded(picture), picture)
+    np.testing.assert_array_equal(_decoded(picture[..., 0]), np.repeat(picture[..., :1], 3, 2))
     with_alpha = np.concatenate([picture, np.zeros((20, 30, 1), np.uint8)], -1)
-    np.testing.assert_array_equal(transforms.decode_image(with_alpha), picture)
+    np.testing.assert_array_equal(_decoded(with_alpha), picture)
 
 
 @pytest.mark.parametrize(
@@ -305,16 +312,16 @@ def test_decode_image_colour_modes_match_pil_rgb():
 )
 def test_decode_image_raises_corrupt_image_error(data):
     with pytest.raises(transforms.CorruptImageError):
-        transforms.decode_image(data)
+        _decoded(data)
 
 
 def test_reduced_scale_jpeg_decoding_keeps_min_side():
     encoded = _jpeg(600, 800, 1)
-    assert transforms.decode_image(encoded).shape == (600, 800, 3)
+    assert _decoded(encoded).shape == (600, 800, 3)
     # min(800 // 100, 600 // 100) = 6: the largest DCT scale not above it is 1/4.
-    assert transforms.decode_image(encoded, min_side=100).shape == (150, 200, 3)
-    assert transforms.decode_image(encoded, min_side=400).shape == (600, 800, 3)
-    assert transforms.decode_image(_png(600, 800, 1), min_side=100).shape == (600, 800, 3)
+    assert _decoded(encoded, min_side=100).shape == (150, 200, 3)
+    assert _decoded(encoded, min_side=400).shape == (600, 800, 3)
+    assert _decoded(_png(600, 800, 1), min_side=100).shape == (600, 800, 3)
     # The bound used in training: every crop keeps at least `size` pixels per side.
     size, scale, ratio = 64, (0.9, 1.0), (0.75, 4 / 3)
     side = transforms.crop_min_side(size, scale, ratio)
@@ -455,7 +462,7 @@ def test_eval_is_one_ordered_pass_with_bad_records_skipped_and_counted(source):
         for row, index in enumerate(batch["index"]):
             record = source[int(index)]
             expected_image = transforms.resize_center_crop(
-                transforms.decode_image(record["image_bytes"]), IMAGE_SIZE
+                _decoded(record["image_bytes"]), IMAGE_SIZE
             )
             np.testing.assert_array_equal(batch["image"][row], expected_image)
             np.testing.assert_array_equal(batch["text"][row], tokenizer(record["captions"][0])[0])
@@ -476,11 +483,6 @@ def test_eval_last_batch_padded_or_dropped(source):
     assert sum(b["skipped"] for b in padded) == len(BAD)
     dropped = _all_batches(_dataset(source, train=False, batch_size_per_process=6))
     assert _valid_indices(dropped) == GOOD[:18]
-    empty = pipeline.invalid_batch_like(last)
-    assert not empty["valid"].any() and empty["skipped"] == 0 and (empty["index"] == -1).all()
-    assert {k: v.shape for k, v in empty.items() if k != "skipped"} == {
-        k: v.shape for k, v in last.items() if k != "skipped"
-    }
 
 
 def test_trailing_skips_reported_in_an_all_padding_batch():
@@ -541,6 +543,25 @@ def test_train_is_deterministic_and_keyed_by_seed_epoch_index(source):
         np.testing.assert_array_equal(batch["text"][0], ByteTokenizer()(caption)[0])
 
 
+def test_flips_and_crops_follow_the_seed_stream():
+    # Recomputed with the transforms alone: caption, crop, then the flip from [seed, 1, epoch, i].
+    records = [{"image": _picture(30, 40, i), "captions": [f"a {i}", f"b {i}"]} for i in range(8)]
+    augmentation = Augmentation(crop_scale=(0.5, 1.0), horizontal_flip=True)
+    batch = _all_batches(
+        _dataset(records, seed=2, batch_size_per_process=8, augmentation=augmentation), limit=1
+    )[0]
+    flipped = 0
+    for row, index in enumerate(batch["index"]):
+        rng = np.random.default_rng([2, 1, 0, int(index)])
+        caption = records[index]["captions"][int(rng.integers(2))]
+        crop = transforms.random_resized_crop(records[index]["image"], IMAGE_SIZE, rng, (0.5, 1.0))
+        if rng.random() < 0.5:
+            crop, flipped = crop[:, ::-1], flipped + 1
+        np.testing.assert_array_equal(batch["image"][row], crop)
+        np.testing.assert_array_equal(batch["text"][row], ByteTokenizer()(caption)[0])
+    assert 0 < flipped < 8
+
+
 def test_caption_choice_random_is_uniform_and_first_is_first():
     record = {
         "image": _picture(8, 8, 0),
@@ -554,7 +575,11 @@ def test_caption_choice_random_is_uniform_and_first_is_first():
     assert all(70 <= count <= 130 for count in counts.values()), counts  # 100 +- 3.5 sigma
     first = _all_batches(
         _dataset(
-            [record], batch_size_per_process=1, num_epochs=20, image_size=8, caption_choice="first"
+            [record],
+            batch_size_per_process=1,
+            num_epochs=20,
+            image_size=8,
+            augmentation=Augmentation(caption_choice="first"),
         )
     )
     assert {_detokenize(batch["text"][0]) for batch in first} == {"zero"}
@@ -667,7 +692,11 @@ def test_all_bad_data_stops_instead_of_spinning():
 
 def test_worker_processes_checkpoint_and_cover(source):
     dataset = _dataset(
-        source, batch_size_per_process=3, worker_count=2, num_epochs=2, drop_remainder=False
+        source,
+        batch_size_per_process=3,
+        workers=pipeline.Workers(count=2),
+        num_epochs=2,
+        drop_remainder=False,
     )
     iterator = iter(dataset)
     try:

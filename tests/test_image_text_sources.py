@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
-from pretrain.data import image_text, scenes, synthetic_scenes
+from pretrain.data import image_text, scenes
+from pretrain.data.scenes import builder
 
 
 @pytest.fixture(scope="module")
 def tiny_scenes():
-    return synthetic_scenes.prepare("tiny")
+    return builder.prepare("tiny")
 
 
 def test_tfds_source_by_name_reads_captions_and_labels(tiny_scenes):
@@ -16,7 +17,7 @@ def test_tfds_source_by_name_reads_captions_and_labels(tiny_scenes):
     source = image_text.make_source(
         {"source": "tfds", "tfds_name": "synthetic_scenes/tiny", "split": "test"}
     )
-    direct = synthetic_scenes.data_source("test", "tiny")
+    direct = builder.data_source("test", "tiny")
     assert len(source) == len(direct) == 64
     record, expected = source[5], direct[5]
     np.testing.assert_array_equal(record["image"], expected["image"])

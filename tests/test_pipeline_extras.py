@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from pretrain.data.examples import Plugins
 from pretrain.data.pipeline import image_text_dataset
 
 
@@ -31,7 +32,7 @@ def batches(seed=0, extras=None, count=3):
         train=True,
         image_size=16,
         tokenizer=None,
-        example_extras=extras,
+        plugins=Plugins(example_extras=extras),
     )
     iterator = iter(stream)
     return [next(iterator) for _ in range(count)]
@@ -42,6 +43,14 @@ def test_image_only_stream_has_no_text_and_needs_no_captions():
         assert "text" not in batch
         assert batch["image"].shape == (4, 16, 16, 3)
         assert batch["skipped"] == 0
+
+
+def test_extras_draw_from_their_own_stream():
+    # Recomputed from the stream alone: [seed, 2, epoch, record index].
+    for batch in batches(seed=4, extras=draw_three):
+        for draws, index in zip(batch["draws"], batch["index"]):
+            expected = draw_three(np.random.default_rng([4, 2, 0, int(index)]))["draws"]
+            np.testing.assert_array_equal(draws, expected)
 
 
 def test_extras_are_deterministic_and_leave_the_crops_unchanged():

@@ -23,12 +23,16 @@ from configs import clip_reinforced
 from losses.distill import ReinforcedLossWeights
 from models.two_tower import TwoTowerModel
 from pretrain import gradients, reinforce, sharding, trainer
+from pretrain.components.reinforcements import ReinforcementFields
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
-from pretrain.data import image_text, scenes, synthetic_scenes, transforms, webdataset
-from pretrain.data.pipeline import Reinforcement, image_text_dataset
+from pretrain.data import image_text, scenes, transforms, webdataset
+from pretrain.data.examples import Augmentation, Plugins
+from pretrain.data.pipeline import image_text_dataset
+from pretrain.data.scenes import builder
 from pretrain.data.tokenizer import ClipTokenizer
 from pretrain.data.transforms import CLIP_MEAN, CLIP_STD
+from pretrain.data.webdataset import datacompdr
 from pretrain.tasks.clip import Task as ClipTask
 
 # ------------------------------------------------------------------- the embedded scenes ----
@@ -58,7 +62,7 @@ def test_tfds_scenes_records_carry_synthetic_captions():
         {"source": "synthetic_scenes", "scenes_config": "tiny", "split": "train"}
     )
     record = source[5]
-    seed = int(synthetic_scenes.data_source("train", "tiny")[5]["seed"])
+    seed = int(builder.data_source("train", "tiny")[5]["seed"])
     expected = scenes.make_example(seed, 32)
     decoded = [c.decode() if isinstance(c, bytes) else c for c in record["synthetic_captions"]]
     assert decoded == expected["synthetic_captions"]
@@ -99,7 +103,7 @@ def test_webdataset_reads_datacompdr_members(tmp_path):
     paths = webdataset.write_shards(samples, str(tmp_path / "dr-%d.tar"), 3)
     plain = webdataset.WebDatasetSource(paths)  # plain training reads none of them
     assert set(plain[0]) == set(plain[2]) == {"key", "image_bytes", "captions", "metadata"}
-    source = webdataset.WebDatasetSource(paths, reinforcements=True)
+    source = webdataset.WebDatasetSource(paths, read_reinforcements=True)
     record = source[0]
     assert record["captions"] == ["a real caption"]
     assert record["synthetic_captions"] == [f"synthetic {i}" for i in range(5)]
@@ -118,9 +122,9 @@ def test_teacher_embeddings_parse_in_many_threads_at_once():
     payloads = [
         _npz(image_emb=rng.normal(size=(2, 4)), text_emb=rng.normal(size=(3, 4))) for _ in range(64)
     ]
-    expected = [webdataset.parse_teacher_embeddings(p) for p in payloads]
+    expected = [datacompdr.parse_teacher_embeddings(p) for p in payloads]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        parsed = list(pool.map(webdataset.parse_teacher_embeddings, payloads * 40))
+        parsed = list(pool.map(datacompdr.parse_teacher_embeddings, payloads * 40))
     for number, fields in enumerate(parsed):
         reference = expected[number % len(payloads)]
         np.testing.assert_array_equal(
@@ -174,8 +178,8 @@ def _stream(source, reinforcement, seed=0):
         train=True,
         image_size=SIZE,
         tokenizer=ClipTokenizer(16),
-        reinforcement=reinforcement,
-        horizontal_flip=True,
+        plugins=Plugins(record_fields=reinforcement),
+        augmentation=Augmentation(horizontal_flip=True),
     )
 
 
@@ -183,7 +187,7 @@ def test_pipeline_pairs_the_stored_view_and_caption_rows_with_what_the_example_s
     source = ReinforcedRecords()
     tokenizer = ClipTokenizer(16)
     iterator = iter(
-        _stream(source, Reinforcement(synthetic_captions=True, teacher_embeddings=True))
+        _stream(source, ReinforcementFields(synthetic_captions=True, teacher_embeddings=True))
     )
     views_seen = set()
     for _ in range(6):
@@ -208,10 +212,38 @@ def test_pipeline_pairs_the_stored_view_and_caption_rows_with_what_the_example_s
     assert len(views_seen) > 2
 
 
+def test_reinforced_examples_follow_the_seed_streams():
+    # Recomputed from the streams alone: the caption from [seed, 1, epoch, index], then the
+    # synthetic caption and the view, in that order, from [seed, 3, epoch, index].
+    source, seed = ReinforcedRecords(), 5
+    tokenizer = ClipTokenizer(16)
+    batch = next(iter(_stream(source, ReinforcementFields(True, True), seed=seed)))
+    for row, index in enumerate(batch["index"]):
+        record = source[int(index)]
+        caption = int(np.random.default_rng([seed, 1, 0, int(index)]).integers(CAPTIONS))
+        draws = np.random.default_rng([seed, 3, 0, int(index)])
+        synthetic, view = int(draws.integers(SYNTHETIC)), int(draws.integers(VIEWS))
+        box = tuple(record["augmentation_boxes"][view])
+        np.testing.assert_array_equal(
+            batch["image"][row], transforms.crop_and_resize(record["image"], box, SIZE)
+        )
+        np.testing.assert_array_equal(
+            batch["text"][row], tokenizer([record["captions"][caption]])[0]
+        )
+        np.testing.assert_array_equal(
+            batch["synthetic_text"][row], tokenizer([record["synthetic_captions"][synthetic]])[0]
+        )
+        np.testing.assert_array_equal(batch["teacher_image"][row], _row_code(view))
+        np.testing.assert_array_equal(batch["teacher_text"][row], _row_code(VIEWS + caption))
+        np.testing.assert_array_equal(
+            batch["teacher_synthetic_text"][row], _row_code(VIEWS + CAPTIONS + synthetic)
+        )
+
+
 def test_reinforcement_changes_no_crop_or_caption_without_stored_views():
     source = ReinforcedRecords(boxes=False)
     plain = next(iter(_stream(source, None)))
-    reinforced = next(iter(_stream(source, Reinforcement(True, True))))
+    reinforced = next(iter(_stream(source, ReinforcementFields(True, True))))
     for name in ("image", "text", "index"):
         np.testing.assert_array_equal(plain[name], reinforced[name])
     assert "synthetic_text" not in plain
@@ -247,7 +279,7 @@ def test_bad_reinforcements_are_skipped_and_counted():
         train=True,
         image_size=SIZE,
         tokenizer=ClipTokenizer(16),
-        reinforcement=Reinforcement(True, True),
+        plugins=Plugins(record_fields=ReinforcementFields(True, True)),
         num_epochs=1,
     )
     batches = list(stream)
@@ -291,14 +323,14 @@ def test_reinforce_stores_the_teacher_embeddings_of_each_view_and_caption(reinfo
     assert manifest["written"] == 256 and manifest["num_shards"] == 3
     assert manifest["embed_dim"] == 32 and manifest["num_augmentations"] == 4
     shards = webdataset.WebDatasetSource(
-        clip_reinforced.shards_glob(directory), reinforcements=True
+        clip_reinforced.shards_glob(directory), read_reinforcements=True
     )
     originals = image_text.make_source(config.reinforce.source)
     teacher, encode_images, encode_texts = _teacher_encoders(config)
     for index in (0, 101, 255):
         record, original = shards[index], originals[index]
         np.testing.assert_array_equal(
-            transforms.decode_image(record["image_bytes"]), original["image"]
+            np.asarray(transforms.decode_to_pil(record["image_bytes"])), original["image"]
         )
         boxes = record["augmentation_boxes"]
         assert boxes.shape == (4, 4)
@@ -472,8 +504,8 @@ def test_a_batchnorm_clip_run_can_be_the_teacher(teacher_workdir, tmp_path):
     task, params, model_state = restore_run_variables("", str(resnet_run), "latest")
     assert model_state is not None  # the running statistics are used, not fresh ones
     shards = clip_reinforced.shards_glob(str(tmp_path / "shards"))
-    record = webdataset.WebDatasetSource(shards, reinforcements=True)[3]
-    image = transforms.decode_image(record["image_bytes"])
+    record = webdataset.WebDatasetSource(shards, read_reinforcements=True)[3]
+    image = np.asarray(transforms.decode_to_pil(record["image_bytes"]))
     views = np.stack(
         [
             transforms.crop_and_resize(image, b, task.image_size)

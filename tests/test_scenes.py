@@ -14,8 +14,9 @@ import re
 import numpy as np
 import pytest
 
-from pretrain.data import scene_render, scenes
-from pretrain.data.scene_render import Camera, Light, Scene, SceneObject
+from pretrain.data import scenes
+from pretrain.data.scenes import geometry, render
+from pretrain.data.scenes.geometry import Camera, Light, Scene, SceneObject
 
 LEVEL_CAMERA = Camera(eye=(0.0, 1.0, 10.0), target=(0.0, 1.0, 0.0), fov_degrees=40.0)
 LIGHT = Light(direction=(0.3, 0.8, 0.5), intensity=0.6, ambient=0.4)
@@ -55,17 +56,17 @@ def implicit(obj: SceneObject, q: np.ndarray) -> np.ndarray:
     if obj.shape == "sphere":
         return np.linalg.norm(q, axis=-1) - s
     if obj.shape == "cube":
-        return np.max(np.abs(q), axis=-1) - scene_render.CUBE_HALF_EDGE * s
+        return np.max(np.abs(q), axis=-1) - geometry.CUBE_HALF_EDGE * s
     if obj.shape == "cylinder":
-        radius, half = scene_render.CYLINDER_RADIUS * s, scene_render.CYLINDER_HALF_HEIGHT * s
+        radius, half = geometry.CYLINDER_RADIUS * s, geometry.CYLINDER_HALF_HEIGHT * s
         return np.maximum(rho - radius, np.abs(y) - half)
     if obj.shape == "cone":
-        radius, half = scene_render.CONE_RADIUS * s, scene_render.CONE_HALF_HEIGHT * s
+        radius, half = geometry.CONE_RADIUS * s, geometry.CONE_HALF_HEIGHT * s
         slope = radius / (2 * half)
         side = (rho - slope * (half - y)) / math.sqrt(1 + slope**2)
         return np.maximum(side, -(y + half))
     if obj.shape == "pyramid":
-        width, half = scene_render.PYRAMID_HALF_WIDTH * s, scene_render.PYRAMID_HALF_HEIGHT * s
+        width, half = geometry.PYRAMID_HALF_WIDTH * s, geometry.PYRAMID_HALF_HEIGHT * s
         apex = np.array([0.0, half, 0.0])
         corners = [
             np.array([cx * width, -half, cz * width])
@@ -79,14 +80,14 @@ def implicit(obj: SceneObject, q: np.ndarray) -> np.ndarray:
             values.append(q @ normal - normal @ apex)
         return np.max(values, axis=0)
     if obj.shape == "torus":
-        major, minor = scene_render.TORUS_MAJOR * s, scene_render.TORUS_MINOR * s
+        major, minor = geometry.TORUS_MAJOR * s, geometry.TORUS_MINOR * s
         return np.hypot(rho - major, y) - minor
     raise AssertionError(obj.shape)
 
 
 def world_implicit(obj: SceneObject, points: np.ndarray) -> np.ndarray:
-    rotation = scene_render.object_rotation(obj)
-    return implicit(obj, (points - scene_render.object_centre(obj)) @ rotation)
+    rotation = geometry.object_rotation(obj)
+    return implicit(obj, (points - geometry.object_centre(obj)) @ rotation)
 
 
 def numeric_gradient(obj: SceneObject, points: np.ndarray, step: float = 1e-6) -> np.ndarray:
@@ -181,9 +182,9 @@ def test_sphere_depth_normals_and_mask_match_the_analytic_formula():
     np.testing.assert_allclose(
         out["normals"][ground], np.broadcast_to([0, 1, 0], (ground.sum(), 3))
     )
-    assert np.all(out["depth"][sky] == scene_render.FAR_DEPTH)
+    assert np.all(out["depth"][sky] == render.FAR_DEPTH)
     np.testing.assert_allclose(out["normals"][sky], np.broadcast_to([0, 0, 1], (sky.sum(), 3)))
-    assert np.all(out["segmentation"][~hit] == scene_render.BACKGROUND_CLASS)
+    assert np.all(out["segmentation"][~hit] == render.BACKGROUND_CLASS)
     np.testing.assert_allclose(np.linalg.norm(out["normals"], axis=-1), 1.0, atol=1e-6)
 
     # The image: the sphere's pixels have its red hue, the rest is grey ground or haze.
@@ -194,7 +195,7 @@ def test_sphere_depth_normals_and_mask_match_the_analytic_formula():
 
 def test_cube_front_face_matches_hand_computation():
     """A cube facing a level camera at its centre's height shows only its front face z = a."""
-    size, half_edge = 41, scene_render.CUBE_HALF_EDGE * 1.0
+    size, half_edge = 41, geometry.CUBE_HALF_EDGE * 1.0
     camera = Camera(eye=(0.0, half_edge, 8.0), target=(0.0, half_edge, 0.0), fov_degrees=30.0)
     cube = SceneObject("cube", "blue", (0.1, 0.2, 0.9), size=1.0, position=(0.0, 0.0), yaw=0.0)
     out = scenes.render_scene(single_object_scene(cube, camera), size)
@@ -294,7 +295,7 @@ def test_torus_hole_shows_the_ground():
     torus_class = 1 + scenes.SHAPES.index("torus")
     # Its image covers 4 pi R r / (2 * 8.4 * tan 15 deg)^2 = 14% of the frame.
     assert 0.12 < (out["segmentation"] == torus_class).mean() < 0.16
-    top = scene_render.TORUS_MAJOR
+    top = geometry.TORUS_MAJOR
     column = 15 + round(top / ((9.0 - 2 * 0.3) * math.tan(math.radians(15))) * size / 2)
     assert out["segmentation"][15, column] == torus_class
     assert out["depth"][15, column] == pytest.approx(math.hypot(9.0 - 0.6, top), rel=2e-3)
@@ -409,13 +410,11 @@ def test_shape_nouns_are_wordnet_nouns():
 
 
 def test_parallel_generation_matches_sequential():
-    from pretrain.data import synthetic_scenes
+    from pretrain.data.scenes import builder
 
-    seeds = synthetic_scenes.split_seeds("test", 12)
-    sequential = list(synthetic_scenes.generate_examples(seeds, 16, True, num_workers=1))
-    parallel = list(
-        synthetic_scenes.generate_examples(seeds, 16, True, num_workers=2, chunk_size=4)
-    )
+    seeds = builder.split_seeds("test", 12)
+    sequential = list(builder.generate_examples(seeds, 16, True, num_workers=1))
+    parallel = list(builder.generate_examples(seeds, 16, True, num_workers=2, chunk_size=4))
     assert [k for k, _ in sequential] == [k for k, _ in parallel] == list(seeds)
     for (_, a), (_, b) in zip(sequential, parallel):
         assert a["image"] == b["image"] and a["captions"] == b["captions"]
@@ -425,21 +424,19 @@ def test_parallel_generation_matches_sequential():
 def test_tiny_builder_reads_back_without_tensorflow(tmp_path):
     import sys
 
-    from pretrain.data import synthetic_scenes
+    from pretrain.data.scenes import builder
 
-    builder = synthetic_scenes.prepare("tiny", str(tmp_path))
-    assert builder.info.file_format.value == "array_record"
-    assert synthetic_scenes.prepare("tiny", str(tmp_path)).data_path == builder.data_path
+    prepared = builder.prepare("tiny", str(tmp_path))
+    assert prepared.info.file_format.value == "array_record"
+    assert builder.prepare("tiny", str(tmp_path)).data_path == prepared.data_path
 
-    train = synthetic_scenes.data_source("train", "tiny", str(tmp_path))
-    test = synthetic_scenes.data_source("test", "tiny", str(tmp_path))
+    train = builder.data_source("train", "tiny", str(tmp_path))
+    test = builder.data_source("test", "tiny", str(tmp_path))
     assert (len(train), len(test)) == (256, 64)
     train_seeds = {int(train[i]["seed"]) for i in range(len(train))}
     test_seeds = {int(test[i]["seed"]) for i in range(len(test))}
     assert train_seeds == set(range(256))
-    assert test_seeds == set(
-        range(synthetic_scenes.TEST_SEED_OFFSET, synthetic_scenes.TEST_SEED_OFFSET + 64)
-    )
+    assert test_seeds == set(range(builder.TEST_SEED_OFFSET, builder.TEST_SEED_OFFSET + 64))
 
     for source in (train, test):
         element = source[3]
@@ -461,5 +458,5 @@ def test_tiny_builder_reads_back_without_tensorflow(tmp_path):
         assert int(element["label"]) == expected["label"]
         assert int(element["primary"]["shape"]) == expected["primary"]["shape"]
         assert int(element["num_objects"]) == expected["num_objects"]
-    assert builder.info.features["label"].names == scenes.CLASS_NAMES
+    assert prepared.info.features["label"].names == scenes.CLASS_NAMES
     assert "tensorflow" not in sys.modules

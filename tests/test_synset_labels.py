@@ -1,4 +1,4 @@
-"""Tests of CatLIP's caption -> WordNet noun synset labels (CoreNet's rule) and the WordNet set-up.
+"""Tests of caption -> WordNet noun synset labels (CoreNet's rule) and the WordNet set-up.
 
 Expected synset ids were worked out by hand with nltk's WordNet 3.0 (lemma, first noun sense,
 name check) and, where the synset is in ImageNet's WordNet hierarchy, agree with its zero-padded
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import wordnet_env
 
-from pretrain.data import scenes, synset_labels, wordnet
-from pretrain.data.synset_labels import (
+from pretrain.data import scenes
+from pretrain.data.synsets import labels, wordnet
+from pretrain.data.synsets.labels import (
     CaptionLabeler,
     SynsetExtractor,
     caption_words,
@@ -129,9 +130,9 @@ def test_plain_text_shortcut_matches_nltk_tokenizer():
     texts += ["", ".", "i wanna", "wanna go", "x-cannot-y", "a--b", "box..", "red ball ."]
     shortcut_used = 0
     for text in texts:
-        reference = synset_labels.tokenize_with_nltk(text)
-        assert synset_labels.tokenize(text) == reference, text
-        shortcut_used += synset_labels._plain_words(text) is not None
+        reference = labels.tokenize_with_nltk(text)
+        assert labels.tokenize(text) == reference, text
+        shortcut_used += labels._plain_words(text) is not None
     # Both branches are exercised: the shortcut and the fall-back to the full tokenizer.
     assert 300 < shortcut_used < len(texts) - 300
 
@@ -215,17 +216,17 @@ def test_install_from_a_wordnet_folder(tmp_path, monkeypatch):
 
 RACE_SCRIPT = """
 import sys, threading
-from pretrain.data import synset_labels
+from pretrain.data.synsets import labels
 words = ["cone", "sphere", "cube", "red", "blue", "dog", "ground", "pyramid", "torus", "ring",
          "ball", "box", "block", "can", "drum", "cylinder", "scene", "picture", "light"] * 3
 sys.setswitchinterval(1e-6)  # switch threads often, as a busy grain reader pool does
 results = {}
 def label(i):
-    results[i] = [synset_labels.SynsetExtractor().word_synset(w) for w in words]
+    results[i] = [labels.SynsetExtractor().word_synset(w) for w in words]
 threads = [threading.Thread(target=label, args=(i,)) for i in range(16)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-reference = [synset_labels.SynsetExtractor().word_synset(w) for w in words]
+reference = [labels.SynsetExtractor().word_synset(w) for w in words]
 print(sum(r != reference for r in results.values()))
 """
 

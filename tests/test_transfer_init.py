@@ -39,7 +39,7 @@ def _fallback_word_synset(word: str) -> str | None:
 
 
 try:
-    from pretrain.data.synset_labels import SynsetExtractor
+    from pretrain.data.synsets.labels import SynsetExtractor
 
     word_synset = SynsetExtractor().word_synset
 except ImportError:

@@ -15,6 +15,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from pretrain.data import image_text, webdataset
+from pretrain.data.webdataset import combined_index, shard_index
+from pretrain.data.webdataset.tar import CorruptShardError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +123,7 @@ def synthetic_shards(tmp_path, monkeypatch) -> list[str]:
             file.write(b"\0" * 1024)
     starts = {path: n * SYNTHETIC_PER_SHARD for n, path in enumerate(paths)}
     monkeypatch.setattr(
-        webdataset,
+        shard_index,
         "index_shard",
         lambda path: _synthetic_shard_index(SYNTHETIC_PER_SHARD, starts[path]),
     )
@@ -153,7 +155,7 @@ def test_index_is_memory_mapped_and_pickles_as_paths(synthetic_shards):
         index = 2 * SYNTHETIC_PER_SHARD + position
         assert clone.key(index) == source.key(index) == f"{index:09d}"
         assert clone._shard_of(index) == 2
-        for name in webdataset._PER_SAMPLE_ARRAYS:
+        for name in combined_index._PER_SAMPLE_ARRAYS:
             assert clone._index[name][index] == reference[name][position], name
     assert clone.key(count - 1) == f"{count - 1:09d}"
     assert (source._index["image_offset"].dtype, clone._index["key_offsets"].dtype) == (
@@ -169,7 +171,7 @@ def test_private_index_is_removed_by_its_owner_only(synthetic_shards):
     del clone
     gc.collect()
     assert os.path.isdir(directory)  # a copy (a grain worker) does not own the files
-    webdataset._remove_if_owner(directory, os.getpid() + 1)  # a forked child's finalizer
+    combined_index._remove_if_owner(directory, os.getpid() + 1)  # a forked child's finalizer
     assert os.path.isdir(directory)
     del source
     gc.collect()
@@ -196,14 +198,14 @@ def test_combined_index_cache_is_reused_rebuilt_and_atomic(tmp_path, monkeypatch
     cache = tmp_path / "cache"
     first = webdataset.WebDatasetSource(paths, index_cache_dir=str(cache))
     assert _records(first) == [_expected_record(s) for s in samples]
-    name = webdataset.combined_index_name(webdataset.shard_fingerprints(paths))
+    name = combined_index.combined_index_name(combined_index.shard_fingerprints(paths))
     assert first.index_dir == str(cache / name)
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [name]  # no build leftovers
 
-    real_write = webdataset.write_combined_index
+    real_write = combined_index.write_combined_index
     writes = []
     monkeypatch.setattr(
-        webdataset,
+        combined_index,
         "write_combined_index",
         lambda *args: writes.append(args[0]) or real_write(*args),
     )
@@ -226,17 +228,17 @@ def test_combined_index_cache_is_reused_rebuilt_and_atomic(tmp_path, monkeypatch
 
 def test_concurrent_builder_keeps_the_published_index(tmp_path):
     paths = webdataset.write_shards(_samples(4), str(tmp_path / "r-%d.tar"), 2)
-    fingerprints = webdataset.shard_fingerprints(paths)
-    indexes = [webdataset.index_shard(path) for path in paths]
+    fingerprints = combined_index.shard_fingerprints(paths)
+    indexes = [shard_index.index_shard(path) for path in paths]
     final = tmp_path / "final"
     for attempt in ("winner", "loser"):
         building = tmp_path / attempt
         building.mkdir()
-        webdataset.write_combined_index(str(building), paths, indexes, fingerprints)
-        webdataset._publish(str(building), str(final), fingerprints)
+        combined_index.write_combined_index(str(building), paths, indexes, fingerprints)
+        combined_index._publish(str(building), str(final), fingerprints)
     assert os.path.isdir(tmp_path / "loser")  # left for its builder to remove
     assert not os.path.exists(tmp_path / "winner")
-    meta, arrays = webdataset.open_combined_index(str(final))
+    meta, arrays = combined_index.open_combined_index(str(final))
     assert meta["num_samples"] == 4 and arrays["key_bytes"].tobytes() == b"".join(
         f"{i:09d}".encode() for i in range(4)
     )
@@ -246,8 +248,8 @@ def test_offsets_widen_for_large_shards_and_never_overflow(tmp_path):
     index = _synthetic_shard_index(5, 0)
     big = tmp_path / "big"
     big.mkdir()
-    webdataset.write_combined_index(str(big), ["a.tar"], [index], [["/a.tar", 3 * 2**30, 0]])
-    _, arrays = webdataset.open_combined_index(str(big))
+    combined_index.write_combined_index(str(big), ["a.tar"], [index], [["/a.tar", 3 * 2**30, 0]])
+    _, arrays = combined_index.open_combined_index(str(big))
     assert arrays["image_offset"].dtype == np.int64
     np.testing.assert_array_equal(arrays["text_offset"], index["text_offset"])
 
@@ -255,7 +257,7 @@ def test_offsets_widen_for_large_shards_and_never_overflow(tmp_path):
     small = tmp_path / "small"
     small.mkdir()
     with pytest.raises(OverflowError):
-        webdataset.write_combined_index(str(small), ["a.tar"], [index], [["/a.tar", 4096, 0]])
+        combined_index.write_combined_index(str(small), ["a.tar"], [index], [["/a.tar", 4096, 0]])
 
 
 # ----------------------------------------------------------------------------- damaged shards
@@ -299,15 +301,15 @@ def test_damaged_header_keeps_earlier_samples_and_is_counted(damaged_set, tmp_pa
 
 def test_strict_raises_on_damaged_header(damaged_set, tmp_path):
     paths, _ = damaged_set
-    with pytest.raises(webdataset.CorruptShardError, match=r"d-1\.tar: bad tar header"):
+    with pytest.raises(CorruptShardError, match=r"d-1\.tar: bad tar header"):
         webdataset.WebDatasetSource(paths, strict=True)
     cache = str(tmp_path / "cache")
     webdataset.WebDatasetSource(paths, index_cache_dir=cache)  # caches the damaged index
-    with pytest.raises(webdataset.CorruptShardError, match=r"d-1\.tar"):
+    with pytest.raises(CorruptShardError, match=r"d-1\.tar"):
         webdataset.WebDatasetSource(paths, index_cache_dir=cache, strict=True)
-    name = webdataset.combined_index_name(webdataset.shard_fingerprints(paths))
+    name = combined_index.combined_index_name(combined_index.shard_fingerprints(paths))
     os.remove(os.path.join(cache, name, "index.json"))
-    with pytest.raises(webdataset.CorruptShardError, match=r"d-1\.tar"):  # from the per-shard cache
+    with pytest.raises(CorruptShardError, match=r"d-1\.tar"):  # from the per-shard cache
         webdataset.WebDatasetSource(paths, index_cache_dir=cache, strict=True)
 
 

@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from pretrain.data import wordnet
+from pretrain.data.synsets import wordnet
 
 
 def require_wordnet() -> None:
     """Skip (or, with ``REQUIRE_WORDNET=1``, fail) the calling test when WordNet is missing."""
-    reason = wordnet.wordnet_missing_reason()
-    if reason is None:
-        return
-    if os.environ.get("REQUIRE_WORDNET") == "1":
-        pytest.fail(f"REQUIRE_WORDNET=1 but {reason}")
-    pytest.skip(reason)
+    try:
+        wordnet.load_wordnet()
+    except RuntimeError as error:  # says how to install it
+        if os.environ.get("REQUIRE_WORDNET") == "1":
+            pytest.fail(f"REQUIRE_WORDNET=1 but {error}")
+        pytest.skip(str(error))

@@ -5,7 +5,7 @@ embeddings, as paper 000 and MobileCLIP train. The CLIP task trains this way whe
 Each training example carries, besides its image and a real caption, one synthetic caption
 (``synthetic_text``) and, for distillation, the teacher ensemble's stored embeddings of the very
 view of the image it sees and of both captions (``teacher_image``, ``teacher_text``,
-``teacher_synthetic_text``; see ``pretrain.data.pipeline.Reinforcement``). The loss is
+``teacher_synthetic_text``; see ``pretrain.components.reinforcements``). The loss is
 ``losses.distill.reinforced_clip_loss`` over the global batch:
 
     real_clip_weight * CLIP(real) + synthetic_clip_weight * CLIP(synthetic)
@@ -34,7 +34,7 @@ from ml_collections import ConfigDict
 
 from losses.distill import ImageTextEmbeddings, ReinforcedLossWeights, reinforced_clip_loss
 from pretrain import sharding
-from pretrain.data.pipeline import Reinforcement
+from pretrain.components.reinforcements import ReinforcementFields
 
 TEACHER_FIELDS = ("teacher_image", "teacher_text", "teacher_synthetic_text")
 
@@ -87,8 +87,10 @@ class ReinforcedTraining:
     def uses_teacher(self) -> bool:
         return self.weights.distill != 0
 
-    def pipeline_fields(self) -> Reinforcement:
-        return Reinforcement(
+    def record_fields(self) -> ReinforcementFields:
+        """The pipeline's record plug-in that makes these batch fields from a record's stored
+        reinforcements."""
+        return ReinforcementFields(
             synthetic_captions=self.synthetic_captions, teacher_embeddings=self.uses_teacher
         )
 

@@ -132,7 +132,7 @@ def _synset_name(synset_id: str) -> str:
 @functools.cache
 def _synset_extractor() -> Any:
     # Imported on first use only: the caption-label module is optional for users of this one.
-    from pretrain.data.synset_labels import SynsetExtractor
+    from pretrain.data.synsets.labels import SynsetExtractor
 
     return SynsetExtractor()
 
@@ -356,7 +356,7 @@ def match_classes(
         ``None`` entries fall back to the class name.
       alpha: path-similarity threshold of the paper (``sim >= alpha`` means similar).
       word_synset: word -> synset id for the parts of multi-word names; default: CoreNet's rule in
-        :mod:`pretrain.data.synset_labels`.
+        :mod:`pretrain.data.synsets.labels`.
       similar: ``"best"`` (only the most similar vocabulary synsets; ties averaged) or
         ``"weighted"`` (every synset ``>= alpha``, weights proportional to similarity).
     """

@@ -1,7 +1,7 @@
-"""Reversed block-wise masking (UTA, paper 004 Sec. 2.2) with an exact number of kept patches.
+"""Reversed block-wise masking (paper 004, Sec. 2.2) with an exact number of kept patches.
 
-UTA "first generates a mask with block-wise masking [BEiT] and then randomly reverses the mask
-with a probability of 0.5": plain block masking covers the centre of the image more often than
+Paper 004 "first generates a mask with block-wise masking [BEiT] and then randomly reverses the
+mask with a probability of 0.5": plain block masking covers the centre of the image more often than
 the border (a rectangle placed anywhere covers the centre more often), so the border patches
 would be trained more; reversing half of the masks balances the two.
 
@@ -160,17 +160,8 @@ def reversed_block_mask_indices(
     grid: tuple[int, int],
     mask_ratio: float,
     reverse_probability: float = 0.5,
-    min_block_patches: int = 16,
-    aspect_range: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> np.ndarray:
-    """Sorted int32 row-major indices of the kept patches, exactly ``num_kept(grid, mask_ratio)``
-    of them (a fixed shape for batching under ``jit``)."""
-    kept, _ = reversed_block_mask(
-        rng,
-        grid,
-        mask_ratio,
-        reverse_probability=reverse_probability,
-        min_block_patches=min_block_patches,
-        aspect_range=aspect_range,
-    )
+    """Sorted int32 row-major indices of the patches :func:`reversed_block_mask` keeps (default
+    blocks), exactly ``num_kept(grid, mask_ratio)`` of them: a fixed shape for batching."""
+    kept, _ = reversed_block_mask(rng, grid, mask_ratio, reverse_probability)
     return np.flatnonzero(kept.ravel()).astype(np.int32)

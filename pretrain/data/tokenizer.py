@@ -12,7 +12,7 @@ open_clip tokenizes a caption in three steps, all reproduced here:
    keeps its first ``context_length - 2`` ids and ends with EOT at the last position.
 
 The Rust tokenizer object cannot be pickled, so :class:`ClipTokenizer` builds it on first use
-(about 25 ms) and drops it when pickled: grain ships the transform to worker processes by pickling.
+and drops it when pickled: grain ships the transform to worker processes by pickling.
 """
 
 from __future__ import annotations

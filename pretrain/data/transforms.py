@@ -108,15 +108,6 @@ def decode_to_pil(data: bytes | ImageLike, *, min_side: int | None = None) -> Im
         raise CorruptImageError(f"Cannot decode image: {type(error).__name__}: {error}") from error
 
 
-def decode_image(data: bytes | ImageLike, *, min_side: int | None = None) -> np.ndarray:
-    """Decodes to a ``uint8`` RGB array ``(H, W, 3)``; grey, alpha, palette, CMYK, 16-bit handled.
-
-    Raises:
-      CorruptImageError: see :func:`decode_to_pil`.
-    """
-    return np.asarray(decode_to_pil(data, min_side=min_side))
-
-
 def _as_pil(image: ImageLike) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(_array_to_rgb(image), "RGB")
 

@@ -1,8 +1,8 @@
 """CatLIP (paper 002): image-text pretraining recast as multi-label classification over synsets.
 
-The caption's nouns become WordNet synsets (CoreNet's rule, pretrain/data/synset_labels.py); the
+The caption's nouns become WordNet synsets (CoreNet's rule, pretrain/data/synsets/labels.py); the
 synsets counted at least ``vocab.min_count`` times over the training data form the vocabulary
-(pretrain/data/catlip_vocab.py). The data workers turn each example's caption into a multi-hot
+(pretrain/data/synsets/). The data workers turn each example's caption into a multi-hot
 vector over the vocabulary (``labels``, uint8); the image tower (no text tower) with a linear
 classifier is trained with binary cross-entropy summed over classes and averaged over the global
 batch (losses/bce.py).
@@ -14,9 +14,10 @@ synset, or the mean of a composed name's synsets) and the set is classified with
 and fine-tuning, with Transfer Init or random heads, are the ``classify`` task
 (pretrain/tasks/classify.py).
 
-The vocabulary: ``vocab.path`` names a TSV written by ``python -m pretrain.data.catlip_vocab``;
-with ``vocab.build_if_missing`` (the ``:runlocal`` recipes) a missing file is built from
-``data.train`` on first use (an empty path = a cache file named after the data and threshold).
+The vocabulary: ``vocab.path`` names a TSV written by
+``python -m pretrain.data.synsets.vocabulary``; with ``vocab.build_if_missing`` (the ``:runlocal``
+recipes) a missing file is built from ``data.train`` on first use (an empty path = a cache file
+named after the data and threshold).
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ from pretrain import task as base
 from pretrain.components import transfer_init
 from pretrain.components.modules import build_module
 from pretrain.components.range_augment import RangeAugmentation
-from pretrain.data import catlip_vocab
-from pretrain.data.synset_labels import CaptionLabeler
+from pretrain.data.synsets.labels import CaptionLabeler
+from pretrain.data.synsets.vocabulary import (
+    VocabEntry,
+    read_vocabulary,
+    vocabulary_from_config,
+    write_vocabulary,
+)
 from pretrain.data.transforms import normalize, normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
 from pretrain.evaluate.classification import ClassificationEvaluator
@@ -63,7 +69,7 @@ def default_vocabulary_path(train_source: ConfigDict, min_count: int, max_size: 
     return Path(root) / "pretrain_image_encoders" / "catlip_vocab" / f"{digest}.tsv"
 
 
-def resolve_vocabulary(config: ConfigDict) -> tuple[list[catlip_vocab.VocabEntry], str]:
+def resolve_vocabulary(config: ConfigDict) -> tuple[list[VocabEntry], str]:
     """The run's vocabulary and the file it was read from (built first if allowed and absent)."""
     vocab = config.vocab
     min_count, max_size = int(vocab.min_count), int(vocab.get("max_size", 0))
@@ -72,15 +78,15 @@ def resolve_vocabulary(config: ConfigDict) -> tuple[list[catlip_vocab.VocabEntry
         if not vocab.get("build_if_missing"):
             raise ValueError(
                 "config.vocab.path is empty: build the vocabulary first with `python -m "
-                "pretrain.data.catlip_vocab --config=<this recipe> --output=vocab.tsv` and set "
-                "--config.vocab.path=vocab.tsv"
+                "pretrain.data.synsets.vocabulary --config=<this recipe> --output=vocab.tsv` and "
+                "set --config.vocab.path=vocab.tsv"
             )
         path = str(default_vocabulary_path(config.data.train, min_count, max_size))
     if not Path(path).exists():
         if not vocab.get("build_if_missing"):
             raise FileNotFoundError(f"config.vocab.path {path!r} does not exist")
         logging.info("building the CatLIP vocabulary from data.train into %s", path)
-        entries, records = catlip_vocab.vocabulary_from_config(
+        entries, records = vocabulary_from_config(
             config.data.train,
             min_count=min_count,
             max_size=max_size,
@@ -88,8 +94,8 @@ def resolve_vocabulary(config: ConfigDict) -> tuple[list[catlip_vocab.VocabEntry
         )
         logging.info("vocabulary: %d synsets from %d records", len(entries), records)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        catlip_vocab.write_vocabulary(path, entries)
-    entries = catlip_vocab.read_vocabulary(path)
+        write_vocabulary(path, entries)
+    entries = read_vocabulary(path)
     if not entries:
         raise ValueError(f"the vocabulary {path} is empty: lower vocab.min_count")
     return entries, path
@@ -254,7 +260,7 @@ class Task(base.Task):
             image_size=self.image_size,
             head=(np.asarray(classifier["kernel"]), np.asarray(classifier["bias"])),
         )
-        catlip_vocab.write_vocabulary(Path(directory) / VOCABULARY_FILE, self.vocabulary)
+        write_vocabulary(Path(directory) / VOCABULARY_FILE, self.vocabulary)
         return str(path)
 
 

@@ -209,20 +209,15 @@ class Task(base.Task):
             spec.update(self.reinforced.batch_spec(batch_size, self.context_length))
         return spec
 
-    def train_dataset(self, *, batch_size: int, process_index: int, process_count: int) -> Any:
-        extras = {}
+    def train_data_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"context_length": self.context_length}
         if self.reinforced is not None:
-            extras["reinforcement"] = self.reinforced.pipeline_fields()
-            prepare_reinforced_data(self.config)
-        return image_text.train_dataset(
-            self.config.data,
-            batch_size=batch_size,
-            seed=int(self.config.seed),
-            context_length=self.context_length,
-            process_index=process_index,
-            process_count=process_count,
-            **extras,
-        )
+            prepare_reinforced_data(self.config)  # the shards exist before they are opened
+            options["source"] = image_text.make_source(
+                self.config.data.train, read_reinforcements=True
+            )
+            options["record_fields"] = self.reinforced.record_fields()
+        return options
 
     def load_pretrained(self) -> Any:
         """Towers initialised from earlier runs or CLIP weights (``config.init``), e.g. UTA's

@@ -42,7 +42,8 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
 
-from pretrain.data import scenes
+from pretrain.data.scenes import geometry, sampling
+from pretrain.data.scenes.example import make_example
 
 TEST_SEED_OFFSET = 1_000_000_000
 _CHUNK = 256  # examples per task sent to a worker process
@@ -98,10 +99,7 @@ def _example_features(example: dict[str, Any], dense: bool) -> dict[str, Any]:
 
 
 def _make_chunk(seeds: list[int], image_size: int, dense: bool) -> list[dict[str, Any]]:
-    return [
-        _example_features(scenes.make_example(seed, image_size, dense=dense), dense)
-        for seed in seeds
-    ]
+    return [_example_features(make_example(seed, image_size, dense=dense), dense) for seed in seeds]
 
 
 def _default_num_workers(num_examples: int) -> int:
@@ -196,12 +194,12 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
             "synthetic_captions": tfds.features.Sequence(
                 tfds.features.Text(), doc="captioner-style captions (DataCompDR's synthetic ones)"
             ),
-            "label": tfds.features.ClassLabel(names=scenes.CLASS_NAMES),
+            "label": tfds.features.ClassLabel(names=sampling.CLASS_NAMES),
             "num_objects": tfds.features.Scalar(np.int64),
             "primary": tfds.features.FeaturesDict(
                 {
-                    "shape": tfds.features.ClassLabel(names=list(scenes.SHAPES)),
-                    "colour": tfds.features.ClassLabel(names=list(scenes.COLOURS)),
+                    "shape": tfds.features.ClassLabel(names=list(geometry.SHAPES)),
+                    "colour": tfds.features.ClassLabel(names=list(sampling.COLOURS)),
                     "area": tfds.features.Scalar(np.float32, doc="fraction of pixels"),
                     "centre": tfds.features.Tensor(shape=(2,), dtype=np.float32),
                 }

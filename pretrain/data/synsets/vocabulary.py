@@ -1,47 +1,35 @@
-"""CatLIP's class vocabulary: the WordNet noun synsets that enough records of a data set mention.
+"""A synset vocabulary: the WordNet noun synsets that enough records of a data set name.
 
-A synset counts once per record (the union over the record's captions), so its count is the
-number of records whose captions name it. The vocabulary keeps synsets with count >= ``min_count``
-(the paper's V_tau: 500 on DataComp-1.3B gives 24,320 classes), sorted by count (descending, ties
-by id), optionally truncated to ``max_size``. Labels are extracted by
-:class:`pretrain.data.synset_labels.SynsetExtractor` (CoreNet's rule).
-
-The vocabulary is a TSV file, one class per row in class order, under a header line::
+The classes of a multi-label image classifier over synsets. The vocabulary keeps the synsets
+named by at least ``min_count`` records (see :mod:`~pretrain.data.synsets.counting`; e.g. 500 on
+DataComp-1.3B gives 24,320 classes), sorted by count (descending, ties by id), optionally
+truncated to ``max_size``. It is a TSV file, one class per row in class order, under a header::
 
     synset_id<TAB>name<TAB>count
     n2084071<TAB>dog.n.01<TAB>123456
 
-Building one reads every record's captions, in parallel over index ranges with worker processes
-that each open the data source themselves from its config (sources need not be picklable)::
+Command line (reads ``config.data.train``; ``--min_count`` / ``--max_size`` default to
+``config.vocab``'s)::
 
-    python -m pretrain.data.catlip_vocab --config=configs/catlip_vitb16.py:runlocal \\
+    python -m pretrain.data.synsets.vocabulary --config=configs/catlip_vitb16.py:runlocal \\
         --output=vocab.tsv [--min_count=N] [--max_size=N] [--processes=N]
-
-It reads ``config.data.train``; ``--min_count`` / ``--max_size`` default to ``config.vocab``'s.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import multiprocessing
 import os
 import sys
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from etils import epath
 
-from pretrain.data import pipeline
-from pretrain.data.synset_labels import SynsetExtractor, normalize_synset_id, synset_name
+from pretrain.data.synsets.counting import count_source, use_cpu_only
+from pretrain.data.synsets.labels import normalize_synset_id, synset_name
 
 HEADER = ("synset_id", "name", "count")
-# Index ranges handed to one worker at a time: enough chunks per worker to balance the load and
-# show progress, few enough that merging the per-chunk counts stays cheap.
-_CHUNKS_PER_PROCESS = 16
-_CHUNK_SIZE_RANGE = (16, 20_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,30 +39,6 @@ class VocabEntry:
     synset_id: str
     name: str
     count: int
-
-
-# ----------------------------------------------------------------------------- counting
-
-
-def record_synsets(captions: Sequence[str] | str, extractor: SynsetExtractor) -> set[str]:
-    """Synset ids named by any of a record's captions (a single string is one caption)."""
-    if isinstance(captions, str):
-        captions = [captions]
-    found: set[str] = set()
-    for caption in captions:
-        found.update(extractor(caption))
-    return found
-
-
-def count_synsets(
-    captions_per_record: Iterable[Sequence[str]], extractor: SynsetExtractor | None = None
-) -> collections.Counter:
-    """Synset id -> number of records (caption lists) that mention it."""
-    extractor = extractor if extractor is not None else SynsetExtractor()
-    counts: collections.Counter = collections.Counter()
-    for captions in captions_per_record:
-        counts.update(record_synsets(captions, extractor))
-    return counts
 
 
 def _id_order(synset_id: str) -> tuple[str, int]:
@@ -151,114 +115,6 @@ def read_vocabulary(path: str | os.PathLike) -> list[VocabEntry]:
     return entries
 
 
-# ----------------------------------------------------------------------------- data sources
-
-
-def _count_records(source: Any, indices: range, extractor: SynsetExtractor) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
-    for index in indices:
-        _, captions = pipeline.image_and_captions(source[index], require_captions=False)
-        counts.update(record_synsets(captions, extractor))
-    return counts
-
-
-def _chunks(num_records: int, processes: int) -> list[range]:
-    low, high = _CHUNK_SIZE_RANGE
-    size = min(max(num_records // (processes * _CHUNKS_PER_PROCESS), low), high)
-    return [range(start, min(start + size, num_records)) for start in range(0, num_records, size)]
-
-
-class _Progress:
-    """Records/s and ETA on stderr, at most every ``every_s`` seconds (0: only the summary)."""
-
-    def __init__(self, total: int, every_s: float):
-        self.total, self.every_s = total, every_s
-        self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def _line(self, now: float) -> str:
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        percent = 100.0 * self.done / max(self.total, 1)
-        return (
-            f"vocabulary: {self.done:,}/{self.total:,} records ({percent:.1f}%), "
-            f"{rate:,.0f} records/s, ETA {eta:,.0f} s"
-        )
-
-    def update(self, records: int) -> None:
-        self.done += records
-        now = time.monotonic()
-        if self.every_s > 0 and now - self.last >= self.every_s:
-            self.last = now
-            print(self._line(now), file=sys.stderr, flush=True)
-
-    def finish(self) -> None:
-        elapsed = time.monotonic() - self.start
-        print(
-            f"vocabulary: read {self.done:,} records in {elapsed:,.1f} s "
-            f"({self.done / max(elapsed, 1e-9):,.0f} records/s)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-# Per worker process: its own source and extractor (with its own word cache).
-_worker_state: dict[str, Any] = {}
-
-
-def _use_cpu_only() -> None:
-    """Keep JAX (imported with grain; a source may ask it for the process count) off the
-    accelerators: reading captions needs none, and a TPU opened here is locked for training."""
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-
-
-def _start_worker(make_source: Callable[[], Any]) -> None:
-    _use_cpu_only()
-    _worker_state["source"] = make_source()
-    _worker_state["extractor"] = SynsetExtractor()
-
-
-def _count_chunk(indices: range) -> tuple[collections.Counter, int]:
-    counts = _count_records(_worker_state["source"], indices, _worker_state["extractor"])
-    return counts, len(indices)
-
-
-def _default_processes() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _count_source(
-    source: Any,
-    make_source: Callable[[], Any],
-    *,
-    processes: int,
-    progress_every: float,
-) -> tuple[collections.Counter, int]:
-    num_records = len(source)
-    processes = processes or _default_processes()
-    chunks = _chunks(num_records, processes)
-    progress = _Progress(num_records, progress_every)
-    counts: collections.Counter = collections.Counter()
-    if processes == 1 or len(chunks) <= 1:
-        extractor = SynsetExtractor()
-        for indices in chunks:
-            counts.update(_count_records(source, indices, extractor))
-            progress.update(len(indices))
-    else:
-        # Spawned, not forked: the parent may have started JAX's threads, which fork breaks.
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(processes, initializer=_start_worker, initargs=(make_source,)) as pool:
-            for chunk_counts, records in pool.imap_unordered(_count_chunk, chunks):
-                counts.update(chunk_counts)
-                progress.update(records)
-    progress.finish()
-    return counts, num_records
-
-
 class _Given:
     """A picklable factory that returns a given (picklable) source."""
 
@@ -276,16 +132,21 @@ def vocabulary_from_source(
     max_size: int = 0,
     processes: int = 1,
     progress_every: float = 30.0,
+    make_source: Callable[[], Any] | None = None,
 ) -> tuple[list[VocabEntry], int]:
     """``(vocabulary, number of records read)`` of a random-access source (``len`` / ``[i]``).
 
     Records are read as the training pipeline reads them; a record without captions counts as a
-    record with no synsets. ``processes`` > 1 sends the source to worker processes, so it must
-    be picklable (use :func:`vocabulary_from_config` otherwise); 0 means one per CPU core.
-    ``progress_every``: seconds between progress lines on stderr (0: only the final summary).
+    record with no synsets. ``processes``: 0 = one per CPU core, 1 = in this process; worker
+    processes open the source with ``make_source`` (picklable; default: they receive ``source``
+    itself, which must then be picklable). ``progress_every``: seconds between progress lines on
+    stderr (0: only the final summary).
     """
-    counts, num_records = _count_source(
-        source, _Given(source), processes=processes, progress_every=progress_every
+    counts, num_records = count_source(
+        source,
+        make_source or _Given(source),
+        processes=processes,
+        progress_every=progress_every,
     )
     return build_vocabulary(counts, min_count, max_size), num_records
 
@@ -317,14 +178,14 @@ def vocabulary_from_config(
     config = _plain_config(source_config)
     # Opened here first: a source built on first use (the embedded scenes) is built once, before
     # the workers open it, and its length is needed to split the work.
-    source = _make_source(config)
-    counts, num_records = _count_source(
-        source,
-        functools.partial(_make_source, config),
+    return vocabulary_from_source(
+        _make_source(config),
+        min_count=min_count,
+        max_size=max_size,
         processes=processes,
         progress_every=progress_every,
+        make_source=functools.partial(_make_source, config),
     )
-    return build_vocabulary(counts, min_count, max_size), num_records
 
 
 # ----------------------------------------------------------------------------- command line
@@ -365,7 +226,7 @@ def _setting(flag_value: int | None, vocab_config: Any, name: str, default: int 
 
 
 def _main(flag_holders: dict[str, Any]) -> None:
-    _use_cpu_only()
+    use_cpu_only()
     config = flag_holders["config"].value
     if config is None or flag_holders["output"].value is None:
         raise SystemExit("--config and --output are required")

@@ -1,4 +1,4 @@
-"""CatLIP's caption labels: the WordNet noun synsets a caption names, by CoreNet's rule.
+"""Caption labels: the WordNet noun synsets a caption names, by CoreNet's rule.
 
 For each caption (CoreNet's ``caption_preprocessing`` then its ``convert_caption_to_labels``):
 
@@ -18,13 +18,12 @@ For each caption (CoreNet's ``caption_preprocessing`` then its ``convert_caption
 
 Example: "An image of black dog." -> image n5928118, black n4960277, dog n2084071.
 
-Speed: steps 2-3 cost tens to hundreds of microseconds per caption. A word's label depends on the
-word only, so :class:`SynsetExtractor` caches word -> label (web captions repeat a small vocabulary
-of words: after a warm-up nearly every word is a dictionary hit), and captions made only of
-lower-case ASCII letters, digits, spaces, hyphens and some punctuation (optionally ending in a
-period), where the tokenizer's rules reduce to a few local ones and a whitespace split, skip the
-full regex tokenizer (about 200 microseconds per caption). The extractor pickles without its
-cache and WordNet reader, so it can be sent to grain worker processes.
+Speed: a word's label depends on the word only, so :class:`SynsetExtractor` caches word -> label
+(web captions repeat a small vocabulary of words), and captions made only of lower-case ASCII
+letters, digits, spaces, hyphens and some punctuation (optionally ending in a period), where the
+tokenizer's rules reduce to a few local ones and a whitespace split, skip the full regex
+tokenizer. The extractor pickles without its cache and WordNet reader, so it can be sent to grain
+worker processes.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from typing import Any
 import ftfy
 import numpy as np
 
-from pretrain.data.wordnet import load_wordnet
+from pretrain.data.synsets.wordnet import load_wordnet
 
 # Bounded so that a web-scale stream of rare tokens (typos, numbers, URLs) cannot grow a worker's
 # memory without limit; frequent words are met early and stay cached.
@@ -260,7 +259,7 @@ class SynsetExtractor:
 
 
 class CaptionLabeler:
-    """Caption -> rows of a synset vocabulary (CatLIP's multi-hot classification targets).
+    """Caption -> rows of a synset vocabulary (multi-hot classification targets).
 
     ``vocabulary``: synset ids, one per class row (zero-padded ImageNet wnids are accepted).
     Synsets of the caption outside the vocabulary are ignored. Picklable.

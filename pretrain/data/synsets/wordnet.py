@@ -1,6 +1,6 @@
-"""WordNet 3.0 for CatLIP's caption labels, installed without nltk's download server if need be.
+"""WordNet 3.0 for the caption labels, installed without nltk's download server if need be.
 
-CatLIP maps caption words to WordNet noun synsets with nltk's WordNet reader, which reads the
+Caption words are mapped to WordNet noun synsets with nltk's WordNet reader, which reads the
 corpus from ``<nltk_data dir>/corpora/wordnet``. ``nltk.download("wordnet")`` needs the internet;
 many training hosts have none, but Debian/Ubuntu ship the same WordNet 3.0 database in the
 ``wordnet-base`` package (plus ``index.sense`` in ``wordnet-sense-index``). nltk additionally
@@ -17,8 +17,8 @@ c. ``nltk.download("wordnet")`` (hosts with internet access).
 The corpus is assembled in a temporary folder beside the destination and renamed into place once
 it loads, so an interrupted install never leaves a half-written ``corpora/wordnet``.
 
-Command line: ``python -m pretrain.data.wordnet [--target DIR]`` (default: ``<venv>/nltk_data``,
-which nltk searches by default; ``launch/setup.sh`` runs it).
+Command line: ``python -m pretrain.data.synsets.wordnet [--target DIR]`` (default:
+``<venv>/nltk_data``, which nltk searches by default; ``launch/setup.sh`` runs it).
 """
 
 from __future__ import annotations
@@ -347,19 +347,11 @@ def load_wordnet() -> Any:
         wordnet.ensure_loaded()
     except LookupError as error:
         raise RuntimeError(
-            "WordNet is not installed for nltk. Install it with `python -m pretrain.data.wordnet` "
-            "(or `bash launch/setup.sh`); works offline on Debian/Ubuntu."
+            "WordNet is not installed for nltk. Install it with "
+            "`python -m pretrain.data.synsets.wordnet` (or `bash launch/setup.sh`); works offline "
+            "on Debian/Ubuntu."
         ) from error
     return wordnet
-
-
-def wordnet_missing_reason() -> str | None:
-    """None when :func:`load_wordnet` works, else why not (for tests and start-up checks)."""
-    try:
-        load_wordnet()
-    except RuntimeError as error:
-        return str(error)
-    return None
 
 
 def _on_default_path(target: Path) -> bool:
