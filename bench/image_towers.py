@@ -5,9 +5,9 @@
 
 Towers: MobileCLIP MCi0 / MCi1 / MCi2 at 256 px, each in its train-time form applied with
 ``train=False`` (BatchNorm running statistics) and in the re-parameterised form from
-:func:`models.mobileclip.reparameterize`; and the CLIP ViT-B/16 tower at 224 px. All have random
-weights and a 512-d projection. Each JAX forward is jit-compiled outside the timing, called once to
-warm up, then timed as the median of ``--rounds`` calls (each waited for with
+:func:`models.mobileclip_reparam.reparameterize`; and the CLIP ViT-B/16 tower at 224 px. All have
+random weights and a 512-d projection. Each JAX forward is jit-compiled outside the timing, called
+once to warm up, then timed as the median of ``--rounds`` calls (each waited for with
 ``block_until_ready``).
 
 When the PyTorch environment exists (.venv-torch or $TORCH_PYTHON), timm's versions of the same
@@ -42,7 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.mobileclip import MobileClipImageTower, reparameterize  # noqa: E402
+from models.mobileclip import MobileClipImageTower  # noqa: E402
+from models.mobileclip_reparam import reparameterize  # noqa: E402
 from models.vit import VisionTransformer  # noqa: E402
 
 OUTPUT_DIM = 512

@@ -1,5 +1,5 @@
 """Benchmark: where the CPU time of a MobileCLIP MCi train step goes, and what
-``depthwise_impl="shifts"`` (models/mobileclip.py) changes.
+``depthwise_impl="shifts"`` (models/depthwise.py) changes.
 
     .venv/bin/python bench/mci_cpu_step.py [--batch 64] [--image-size 64] [--rounds 3]
         [--no-layers] [--no-train-step]
@@ -11,14 +11,14 @@ gradient with respect to the parameters (what a train step computes for the imag
 variants:
 
 * conv / shifts: every depthwise conv through ``lax.conv_general_dilated`` (feature_group_count)
-  or through :func:`models.mobileclip.depthwise_conv_shifts`;
+  or through :func:`models.depthwise.depthwise_conv_shifts`;
 * centre-tap: every depthwise conv replaced by its kernel's centre tap alone (strided input times
   a per-channel scale: not the model's math, a timing ablation): the time left without the
   depthwise convs;
 * bn_groups=8: GroupedBatchNorm with 8 groups of 8 rows instead of one group of 64;
-* reparameterised: the inference form (:func:`models.mobileclip.reparameterize`: no branches,
-  no BatchNorm in the stem / mixers / patch embeddings), still trained with batch statistics in
-  the remaining BatchNorms.
+* reparameterised: the inference form (:func:`models.mobileclip_reparam.reparameterize`: no
+  branches, no BatchNorm in the stem / mixers / patch embeddings), still trained with batch
+  statistics in the remaining BatchNorms.
 
 Then, per distinct depthwise conv of the tower (kernel, stride, channel multiplier, input map):
 forward, input gradient and kernel gradient, lax conv against shifts. And XLA's cost analysis of
@@ -55,7 +55,8 @@ import numpy as np  # noqa: E402
 
 from configs import clip_mci0  # noqa: E402
 from models import mobileclip  # noqa: E402
-from models.mobileclip import MobileClipImageTower, depthwise_conv_shifts  # noqa: E402
+from models.depthwise import depthwise_conv_shifts  # noqa: E402
+from models.mobileclip import MobileClipImageTower  # noqa: E402
 from pretrain import sharding, trainer  # noqa: E402
 from pretrain.optim import make_optimizer  # noqa: E402
 from pretrain.tasks.clip import Task  # noqa: E402
