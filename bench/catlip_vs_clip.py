@@ -3,8 +3,9 @@ speed of CatLIP's label extraction.
 
     .venv/bin/python bench/catlip_vs_clip.py [--batch 8] [--rounds 3] [--dtype float32]
 
-Both steps (forward, backward, AdamW, EMA, one device) are compiled first and then timed in
-alternating rounds, so that machine noise hits both alike; the printed ratio is CatLIP's time per
+Both steps (forward, backward, AdamW, EMA, one device) are compiled first, called once to warm up,
+and then timed in alternating rounds (bench/timing.py), so that machine noise hits both alike; the
+printed ratio is CatLIP's time per
 step divided by CLIP's, measured in this one run. CatLIP's classifier has the paper's 24,320
 synsets (DataComp-1.3B at V_tau = 500); CLIP has its 12-layer text tower on 77 tokens. Then
 captions/s of the caption -> synset extraction (one process, one core): cold cache (first pass)
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,18 +25,15 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import harness, timing  # noqa: E402
 from bench.label_extraction import (  # noqa: E402
     measure_captions_per_second,
     scene_captions,
     web_like_captions,
 )
-from bench.train_step import random_batch  # noqa: E402
 from configs.catlip_vitb16 import get_config as catlip_config  # noqa: E402
 from configs.clip_vitb16 import get_config as clip_config  # noqa: E402
-from pretrain import sharding, trainer  # noqa: E402
 from pretrain.data.synsets import vocabulary  # noqa: E402
-from pretrain.optim import make_optimizer  # noqa: E402
-from pretrain.tasks import base  # noqa: E402
 
 DATACOMP_VOCABULARY_SIZE = 24_320
 POSITIVES_PER_IMAGE = 6
@@ -56,26 +53,8 @@ def catlip_batch(batch: int, image_size: int, classes: int) -> dict[str, np.ndar
     return {"image": images, "labels": labels}
 
 
-def compiled_step(config, batch: dict[str, np.ndarray]):
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    task = base.build_task(config, mesh)
-    tx, schedule = make_optimizer(config)
-    state = jax.jit(trainer.init_state(task, tx, seed=0, use_ema=True))()
-    step_fn = trainer.make_train_step(task, tx, schedule, mesh, ema_decay=config.ema_decay)
-    global_batch = sharding.global_batch_from_local(batch, mesh)
-    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, global_batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    state, metrics = compiled(state, global_batch)  # warm-up
-    jax.block_until_ready(metrics)
-    return {"fn": compiled, "state": state, "batch": global_batch, "gflop": cost["flops"] / 1e9}
-
-
-def time_round(step: dict) -> float:
-    start = time.perf_counter()
-    step["state"], metrics = step["fn"](step["state"], step["batch"])
-    jax.block_until_ready(metrics)
-    return time.perf_counter() - start
+def compiled_step(config, local_batch: dict[str, np.ndarray]) -> harness.TrainStep:
+    return harness.compiled_train_step(config, *harness.one_device_task(config), local_batch)
 
 
 def main() -> None:
@@ -101,21 +80,18 @@ def main() -> None:
             "catlip": compiled_step(
                 catlip, catlip_batch(args.batch, 224, DATACOMP_VOCABULARY_SIZE)
             ),
-            "clip": compiled_step(clip, random_batch(args.batch, 224, 77)),
+            "clip": compiled_step(clip, harness.random_clip_batch(args.batch, 224, 77)),
         }
-    seconds = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            seconds[name].append(time_round(step))
-    median = {name: float(np.median(values)) for name, values in seconds.items()}
+    timings = timing.time_interleaved(steps, args.rounds)
+    median = timing.medians(timings)
     for name in steps:
         print(
             f"{name} ViT-B/16 step ({args.dtype}): {median[name]:.3f} s/step "
-            f"(median of {args.rounds}), {steps[name]['gflop']:.0f} GFLOP/step"
+            f"({timings[name].describe()}), {steps[name].gflop:.0f} GFLOP/step"
         )
     print(
         f"ratio CatLIP / CLIP time per step: {median['catlip'] / median['clip']:.3f} "
-        f"(GFLOP ratio {steps['catlip']['gflop'] / steps['clip']['gflop']:.3f}); "
+        f"(GFLOP ratio {steps['catlip'].gflop / steps['clip'].gflop:.3f}); "
         f"CLIP / CatLIP speed-up {median['clip'] / median['catlip']:.2f}x"
     )
 

@@ -5,10 +5,9 @@
 
 Towers: MobileCLIP MCi0 / MCi1 / MCi2 at 256 px, each in its train-time form applied with
 ``train=False`` (BatchNorm running statistics) and in the re-parameterised form from
-:func:`models.mobileclip.reparameterize`; and the CLIP ViT-B/16 tower at 224 px. All have random
-weights and a 512-d projection. Each JAX forward is jit-compiled outside the timing, called once to
-warm up, then timed as the median of ``--rounds`` calls (each waited for with
-``block_until_ready``).
+:func:`models.mobileclip_reparam.reparameterize`; and the CLIP ViT-B/16 tower at 224 px. All have
+random weights and a 512-d projection. Each JAX forward is jit-compiled outside the timing, called
+once to warm up, then timed as the median of ``--rounds`` calls (bench/timing.py).
 
 When the PyTorch environment exists (.venv-torch or $TORCH_PYTHON), timm's versions of the same
 towers (``fastvit_mci*`` before and after ``timm.utils.reparameterize_model``,
@@ -24,12 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,13 +36,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.mobileclip import MobileClipImageTower, reparameterize  # noqa: E402
+from bench import harness, timing  # noqa: E402
+from models.mobileclip import MobileClipImageTower  # noqa: E402
+from models.mobileclip_reparam import reparameterize  # noqa: E402
 from models.vit import VisionTransformer  # noqa: E402
 
 OUTPUT_DIM = 512
 MCI_IMAGE_SIZE = 256
 VIT_IMAGE_SIZE = 224
-TORCH_SCRIPT = REPO / "bench" / "torch_side" / "timm_image_tower.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,43 +120,17 @@ def time_jax_tower(case: TowerCase, batch: int, rounds: int) -> float:
         return embedding
 
     compiled = jax.jit(forward).lower(variables, images).compile()
-    jax.block_until_ready(compiled(variables, images))  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(variables, images))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def torch_python() -> Path | None:
-    python = Path(os.environ.get("TORCH_PYTHON", REPO / ".venv-torch" / "bin" / "python"))
-    return python if python.exists() else None
+    return timing.time_repeated(lambda: compiled(variables, images), rounds).median
 
 
 def time_torch_tower(python: Path, case: TowerCase, batch: int, rounds: int) -> float | None:
     """Median seconds of timm's forward call, from the torch-side script; None if it failed."""
-    command = [
-        str(python),
-        str(TORCH_SCRIPT),
-        "--model",
-        case.timm_name,
-        "--image-size",
-        str(case.image_size),
-        "--output-dim",
-        str(OUTPUT_DIM),
-        "--batch",
-        str(batch),
-        "--rounds",
-        str(rounds),
-    ]
+    args = ["--model", case.timm_name, "--image-size", str(case.image_size)]
+    args += ["--output-dim", str(OUTPUT_DIM), "--batch", str(batch), "--rounds", str(rounds)]
     if case.reparameterized:
-        command.append("--reparameterize")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"timm benchmark of {case.label} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(result.stdout.strip().splitlines()[-1])["seconds_per_call"]
+        args.append("--reparameterize")
+    result = harness.run_torch_script(python, "timm_image_tower.py", *args)
+    return None if result is None else result["seconds_per_call"]
 
 
 def format_row(label: str, jax_rate: float, torch_rate: float | None) -> str:
@@ -192,7 +161,7 @@ def main() -> None:
     parser.add_argument("--models", default="mci0,mci1,mci2,vit_b16")
     args = parser.parse_args()
 
-    python = torch_python()
+    python = harness.torch_python()
     print(
         f"device: {jax.devices()[0].device_kind}, batch {args.batch}, float32, "
         f"median of {args.rounds} calls; torch: {'timm' if python else 'not measured (no env)'}"

@@ -1,5 +1,5 @@
 """Benchmark: where the CPU time of a MobileCLIP MCi train step goes, and what
-``depthwise_impl="shifts"`` (models/mobileclip.py) changes.
+``depthwise_impl="shifts"`` (models/depthwise.py) changes.
 
     .venv/bin/python bench/mci_cpu_step.py [--batch 64] [--image-size 64] [--rounds 3]
         [--no-layers] [--no-train-step]
@@ -11,14 +11,14 @@ gradient with respect to the parameters (what a train step computes for the imag
 variants:
 
 * conv / shifts: every depthwise conv through ``lax.conv_general_dilated`` (feature_group_count)
-  or through :func:`models.mobileclip.depthwise_conv_shifts`;
+  or through :func:`models.depthwise.depthwise_conv_shifts`;
 * centre-tap: every depthwise conv replaced by its kernel's centre tap alone (strided input times
   a per-channel scale: not the model's math, a timing ablation): the time left without the
   depthwise convs;
 * bn_groups=8: GroupedBatchNorm with 8 groups of 8 rows instead of one group of 64;
-* reparameterised: the inference form (:func:`models.mobileclip.reparameterize`: no branches,
-  no BatchNorm in the stem / mixers / patch embeddings), still trained with batch statistics in
-  the remaining BatchNorms.
+* reparameterised: the inference form (:func:`models.mobileclip_reparam.reparameterize`: no
+  branches, no BatchNorm in the stem / mixers / patch embeddings), still trained with batch
+  statistics in the remaining BatchNorms.
 
 Then, per distinct depthwise conv of the tower (kernel, stride, channel multiplier, input map):
 forward, input gradient and kernel gradient, lax conv against shifts. And XLA's cost analysis of
@@ -29,19 +29,24 @@ Last, the whole CLIP train step of configs/clip_mci0.py:runlocal (both towers, l
 "shifts": the step that ``pretrain.main --config=configs/clip_mci0.py:runlocal`` runs.
 
 Every program is jit-compiled and called once before timing; timings are medians over
-``--rounds`` calls, and the rounds go over all variants in turn (round 1 of every variant, then
-round 2, ...) so that load drift on a shared machine hits every variant alike. Ratios are against
-"shifts fwd+bwd" measured in the same run. Before timing, the conv and shifts towers' outputs and
-gradients are compared (largest difference relative to each leaf's largest magnitude).
+``--rounds`` calls, the rounds going over all variants in turn (bench/timing.py). Ratios are
+against "shifts fwd+bwd" measured in the same run. Before timing, the conv and shifts towers'
+outputs and gradients are compared (largest difference relative to each leaf's largest magnitude).
+
+Measured on a 2-core CPU when the shifts were written: XLA:CPU's grouped convs ran at ~2 GFLOP/s,
+and the kernel gradient of a depthwise conv with a channel multiplier (patch embeddings, final
+conv) ~100x slower still: the 64 px train step of the runlocal tower took over 5 s with "conv",
+0.25 s with "shifts". Within the shifts: for a 7x7 kernel XLA's depthwise kernel gradient (no
+channel multiplier) beat 49 per-tap reductions ~4x, for 9 taps or fewer the reductions won ~2x
+(``models.depthwise.MAX_TAPS_REDUCED``); without the gather that materialises each shifted sum,
+XLA:CPU recomputed it per consumer (~1.6x the tower's fwd+bwd time).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,12 +58,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import harness, timing  # noqa: E402
 from configs import clip_mci0  # noqa: E402
 from models import mobileclip  # noqa: E402
-from models.mobileclip import MobileClipImageTower, depthwise_conv_shifts  # noqa: E402
-from pretrain import sharding, trainer  # noqa: E402
-from pretrain.optim import make_optimizer  # noqa: E402
-from pretrain.tasks.clip import Task  # noqa: E402
+from models.depthwise import depthwise_conv_shifts  # noqa: E402
+from models.mobileclip import MobileClipImageTower  # noqa: E402
 
 RUNLOCAL_TOWER = {"depths": (1, 1, 1, 1), "widths": (32, 64, 128, 256), "output_dim": 512}
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -86,7 +90,8 @@ def centre_tap_conv(lhs, rhs, window_strides, padding, **kwargs: Any) -> jax.Arr
 
 @contextlib.contextmanager
 def shifts_replaced_by(function: Callable[..., jax.Array]) -> Iterator[None]:
-    """While tracing: the towers' "shifts" depthwise convs call ``function`` instead."""
+    """While tracing: the towers' "shifts" depthwise convs call ``function`` instead (the towers'
+    layers look ``depthwise_conv_shifts`` up in models.mobileclip when they are traced)."""
     original = mobileclip.depthwise_conv_shifts
     mobileclip.depthwise_conv_shifts = function
     try:
@@ -118,33 +123,12 @@ def tower_programs(
     )
 
 
-def interleaved_medians(programs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each program; each is called once untimed first, and the
-    timed rounds visit the programs in turn."""
-    for program in programs.values():
-        jax.block_until_ready(program())
-    times: dict[str, list[float]] = {name: [] for name in programs}
-    for _ in range(rounds):
-        for name, program in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(program())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def max_relative_difference(tree_a: Any, tree_b: Any) -> float:
     def leaf(a, b) -> float:
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
     return max(jax.tree.leaves(jax.tree.map(leaf, tree_a, tree_b)))
-
-
-def flops(compiled: Any) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):  # older jax: one dict per program
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
 
 
 def tower_report(batch: int, image_size: int, rounds: int) -> None:
@@ -185,18 +169,20 @@ def tower_report(batch: int, image_size: int, rounds: int) -> None:
         f"{max_relative_difference(shift_stats, conv_stats):.1e}"
     )
 
-    medians = interleaved_medians(programs, rounds)
+    timings = timing.time_interleaved(programs, rounds)
+    medians = timing.medians(timings)
     reference = medians["shifts: fwd+bwd"]
     print(f"\nrunlocal MCi0 tower, batch {batch}, {image_size} px, train-mode BatchNorm")
-    print(f"{'variant':34s} {'ms':>9s} {'/ shifts fwd+bwd':>17s}")
+    print(f"{'variant':34s} {'ms':>9s} {'/ shifts fwd+bwd':>17s} {'spread':>7s}")
     for name, seconds in medians.items():
-        print(f"{name:34s} {seconds * 1e3:9.1f} {seconds / reference:17.2f}")
+        spread = timings[name].spread
+        print(f"{name:34s} {seconds * 1e3:9.1f} {seconds / reference:17.2f} {spread:7.0%}")
     print(
         f"\nconv / shifts, fwd+bwd: {medians['conv: fwd+bwd'] / reference:.1f}x; "
         f"fwd: {medians['conv: fwd'] / medians['shifts: fwd']:.1f}x"
     )
     for name in ("conv", "shifts"):
-        work = flops(compiled[name])
+        work = harness.flops(compiled[name])
         seconds = medians[f"{name}: fwd+bwd"]
         print(
             f"XLA cost analysis, {name} fwd+bwd: {work / 1e9:.2f} GFLOP, "
@@ -253,7 +239,7 @@ def layer_report(batch: int, rounds: int) -> None:
             parts = layer_programs(batch, *shape, implementation)
             for part, program in parts.items():
                 programs[(label, part, impl_name)] = program
-    medians = interleaved_medians(programs, rounds)
+    medians = timing.medians(timing.time_interleaved(programs, rounds))
     print(f"\ndepthwise convs of the tower, batch {batch}: ms conv / ms shifts (ratio)")
     print(f"{'layer':32s} {'fwd':>22s} {'d input':>22s} {'d kernel':>22s}")
     for label, *_ in LAYERS:
@@ -264,39 +250,25 @@ def layer_report(batch: int, rounds: int) -> None:
         print(f"{label:32s} " + " ".join(f"{cell:>22s}" for cell in cells))
 
 
-def random_batch(batch: int, image_size: int, context_length: int) -> dict[str, np.ndarray]:
-    """Random uint8 images and token rows (start / end tokens at the ends)."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, 49_000, (batch, context_length), dtype=np.int32)
-    tokens[:, 0], tokens[:, -1] = 49_406, 49_407
-    images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
-    return {"image": images, "text": tokens}
-
-
-def train_step_program(depthwise_impl: str) -> Callable[[], Any]:
-    """The compiled runlocal CLIP train step with the given depthwise implementation, as a
-    no-argument call on a fixed state and batch (no buffer donation: the state is reused)."""
+def train_step_program(depthwise_impl: str) -> harness.TrainStep:
+    """The compiled runlocal CLIP train step with the given depthwise implementation, on a fixed
+    random batch."""
     config = clip_mci0.get_config("runlocal")
     config.model.image.depthwise_impl = depthwise_impl
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    task = Task(config, mesh)
-    tx, schedule = make_optimizer(config)
-    state = jax.jit(trainer.init_state(task, tx, seed=0, use_ema=config.ema_decay > 0))()
-    step = trainer.make_train_step(task, tx, schedule, mesh, ema_decay=config.ema_decay)
-    local = random_batch(
+    task, mesh = harness.one_device_task(config)
+    local_batch = harness.random_clip_batch(
         config.batch_size, config.data.image_size, config.model.text.context_length
     )
-    batch = sharding.global_batch_from_local(local, mesh)
-    compiled = jax.jit(step).lower(state, batch).compile()
-    return lambda: compiled(state, batch)
+    return harness.compiled_train_step(config, task, mesh, local_batch)
 
 
 def train_step_report(rounds: int) -> None:
     programs = {impl: train_step_program(impl) for impl in ("conv", "shifts")}
-    medians = interleaved_medians(programs, rounds)
+    timings = timing.time_interleaved(programs, rounds)
+    medians = timing.medians(timings)
     print("\nCLIP train step of configs/clip_mci0.py:runlocal (batch 64, 64 px), seconds per step")
     for impl, seconds in medians.items():
-        print(f"depthwise_impl={impl:7s} {seconds:7.3f} s")
+        print(f"depthwise_impl={impl:7s} {seconds:7.3f} s ({timings[impl].describe()})")
     print(f"conv / shifts: {medians['conv'] / medians['shifts']:.1f}x")
 
 

@@ -1,47 +1,29 @@
-"""MobileCLIP's hybrid image towers MCi0 / MCi1 / MCi2 (FastViT family), with re-parameterisation.
-
-Layout (NHWC throughout; timm's ``fastvit_mci*``, which open_clip's MobileCLIP-S0/S1/S2 use as
-``visual.trunk``):
+"""MobileCLIP's hybrid image towers MCi0 / MCi1 / MCi2 (FastViT family; timm's ``fastvit_mci*``,
+which open_clip's MobileCLIP-S0/S1/S2 use as ``visual.trunk``). NHWC throughout.
 
 * stem: three MobileOne blocks (3x3 stride 2, depthwise 3x3 stride 2, 1x1), GELU;
 * four stages of widths ``widths`` and depths ``depths``; stages 2-4 start with a patch embedding
-  that halves the resolution (a 7x7 grouped "large kernel" conv with a 3x3 branch, GELU, squeeze-
-  excitation in stages 3-4, then a 1x1 MobileOne block). Stages 1-3 mix tokens with RepMixer
-  (``x + layer_scale * (mixer(x) - norm(x))``, both depthwise 3x3 MobileOne blocks); stage 4 has a
-  conditional positional encoding (RepCPE: ``x + dwconv7x7(x)``) and pre-BatchNorm self-
-  attention blocks (head width 32, no q/k/v bias). Every block's FFN is a ConvMlp (depthwise 7x7
-  conv + BN, 1x1 expansion by ``mlp_ratio`` = 3, GELU, 1x1), residual with layer scale;
+  that halves the resolution (7x7 depthwise "large kernel" conv with a 3x3 branch, GELU,
+  squeeze-excitation in stages 3-4, then a 1x1 MobileOne block). Stages 1-3 mix tokens with
+  RepMixer (``x + layer_scale * (mixer(x) - norm(x))``); stage 4 has a conditional positional
+  encoding (RepCPE: ``x + dwconv7x7(x)``) and pre-BatchNorm self-attention blocks (head width 32,
+  no q/k/v bias). Every block's FFN is a ConvMlp (depthwise 7x7 conv + BN, 1x1 expansion by
+  ``mlp_ratio`` = 3, GELU, 1x1), residual with layer scale;
 * a final 3x3 MobileOne block to ``cls_ratio`` x the last width with squeeze-excitation, global
   average pooling (``pre_logits``) and a linear projection with bias to ``output_dim`` (timm's
-  ``head.fc``, which open_clip's MobileCLIP configs use as the CLIP projection: ``timm_proj``
-  null, ``timm_pool`` "avg").
+  ``head.fc``, which open_clip's MobileCLIP configs use as the CLIP projection).
 
-Train-time form (``reparameterized=False``): MobileOne blocks are a sum of BatchNorm'd branches
-(kxk conv, 1x1 "scale" conv, identity BN), the large-kernel conv has a small-kernel branch, RepMixer
-and RepCPE keep their identity paths. :func:`reparameterize` folds all of these, with their
-BatchNorms (running statistics), into single convolutions with a bias (``reparam_conv``) and
-returns the inference tower (``reparameterized=True``); its outputs equal the train-time tower's
-in evaluation mode. As in timm's ``inference_mode`` and Apple's release, the ConvMlp's conv + BN
-and the attention blocks' BatchNorm stay as they are.
-
-Parameter counts (train-time / inference form, with a 512-d projection): MCi0 11,406,976 /
-11,357,504; MCi1 21,541,632 / 21,461,056; MCi2 35,815,232 / 35,702,992. The MobileCLIP paper's
-11.4M / 21.5M / 35.7M are the inference form with the projection (timm's counts are the same).
+``reparameterized=False`` is the train-time form (MobileOne blocks and large-kernel convs as sums
+of BatchNorm'd branches, RepMixer and RepCPE with their identity paths);
+:func:`models.mobileclip_reparam.reparameterize` folds it into the inference form
+(``reparameterized=True``: one ``reparam_conv`` each) with the same evaluation outputs. The
+paper's 11.4M / 21.5M / 35.7M parameters are the inference form with a 512-d projection.
 
 BatchNorm is :class:`models.batchnorm.GroupedBatchNorm` (``bn_groups`` groups of the global
-batch; 1 = synchronised over all devices). ``__call__(images, train=True)`` normalises with batch
-statistics and updates ``batch_stats`` (apply with ``mutable=["batch_stats"]``); ``train=False``
-uses the running statistics.
-
-Depthwise convolutions (``depthwise_impl``): "conv" is ``lax.conv_general_dilated`` with
-``feature_group_count``; "shifts" computes the same sum as K*K shifted, per-channel-scaled copies
-of the padded input (:func:`depthwise_conv_shifts`, with its own gradients); "auto" (default)
-picks "shifts" on the CPU backend and "conv" elsewhere. XLA:CPU has no fast depthwise kernel: its
-grouped convs run at ~2 GFLOP/s, and the kernel gradient of a depthwise conv with a channel
-multiplier (the patch embeddings' 7x7 / 3x3 convs, the final conv: ``features`` = 2 x input
-channels) is ~100x slower still, which made a 64 px train step of the shallow runlocal MCi0 take
-over 5 s instead of 0.25 s (bench/mci_cpu_step.py). Parameters and outputs are the same either
-way (float32 round-off).
+batch; 1 = synchronised over all devices): ``train=True`` normalises with batch statistics and
+updates ``batch_stats`` (apply with ``mutable=["batch_stats"]``), ``train=False`` uses the running
+statistics. Depthwise convs run as XLA convolutions or as shifted copies (``depthwise_impl``, see
+:mod:`models.depthwise`; "auto" picks the shifted copies on CPU).
 
 Returns ``(embedding, intermediates)``: ``stage_0`` .. ``stage_3`` (B, h, w, width_i) stage outputs
 (strides 4, 8, 16, 32), ``final_features`` (B, h/32, w/32, cls_ratio * widths[-1]) the final
@@ -52,16 +34,14 @@ conv's output, ``pre_logits`` (B, width) its average; embedding = ``pre_logits @
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from models.batchnorm import TORCH_BATCH_NORM_EPS, TORCH_BATCH_NORM_MOMENTUM, GroupedBatchNorm
+from models.depthwise import depthwise_conv_shifts, resolve_depthwise_impl
 from models.layers import REMAT_POLICIES, Dtype, MultiHeadAttention
 
 MCI_VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -466,8 +446,9 @@ class MobileClipImageTower(nn.Module):
 
     ``from_variant("mci0" | "mci1" | "mci2", output_dim=512)``. ``bn_groups``: BatchNorm
     statistics per group of the global batch (1: synchronised). ``reparameterized``: the
-    inference form that :func:`reparameterize` produces. ``depthwise_impl``: "auto" | "conv" |
-    "shifts" (see the module docstring).
+    inference form that :func:`models.mobileclip_reparam.reparameterize` produces.
+    ``depthwise_impl``: "auto" | "conv" | "shifts" (see
+    :func:`models.depthwise.resolve_depthwise_impl`).
     """
 
     depths: tuple[int, ...] = MCI_VARIANTS["mci0"]["depths"]
@@ -565,393 +546,3 @@ class MobileClipImageTower(nn.Module):
         if self.output_dim is None:
             return pooled, intermediates
         return layers.dense(self.output_dim, name="head")(pooled), intermediates
-
-
-# --------------------------------------------------------------------------------------------------
-# Depthwise convolutions as shifted, per-channel-scaled copies (for XLA:CPU)
-# --------------------------------------------------------------------------------------------------
-
-DEPTHWISE_IMPLS = ("auto", "conv", "shifts")
-# Kernel gradients of windows with more live taps than this go through XLA's convolution; smaller
-# ones (3x3 kernels, 7x7 kernels on 2x2 maps) through one reduction per tap. Measured on a 2-core
-# CPU: for a 7x7 kernel XLA's depthwise kernel gradient (without channel multiplier) beats 49
-# separate reductions ~4x; for 9 taps or fewer the reductions win (~2x).
-MAX_TAPS_REDUCED = 9
-
-
-def resolve_depthwise_impl(impl: str) -> str:
-    """The implementation ``depthwise_impl`` stands for: "conv" or "shifts" as given, "auto" is
-    "shifts" on the CPU backend (decided at trace time) and "conv" on any other."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"unknown depthwise_impl {impl!r}; choose from {DEPTHWISE_IMPLS}")
-    if impl == "auto":
-        return "shifts" if jax.default_backend() == "cpu" else "conv"
-    return impl
-
-
-def live_taps(size: int, pad_low: int, kernel_size: int, stride: int, out_size: int) -> list[int]:
-    """Kernel offsets (along one axis) whose window reads at least one input element: the others
-    only ever multiply padding zeros (e.g. 4 of a 7x7 kernel's 7 rows on a 2x2 map)."""
-    return [
-        offset
-        for offset in range(kernel_size)
-        if any(0 <= i * stride + offset - pad_low < size for i in range(out_size))
-    ]
-
-
-def _window(padded: jax.Array, start, strides, out_hw) -> jax.Array:
-    """padded[:, start_h + strides_h * i, start_w + strides_w * j, :] for i, j < out_hw."""
-    limits = [first + step * (count - 1) + 1 for first, step, count in zip(start, strides, out_hw)]
-    batch, channels = padded.shape[0], padded.shape[-1]
-    return jax.lax.slice(padded, (0, *start, 0), (batch, *limits, channels), (1, *strides, 1))
-
-
-def _materialise(x: jax.Array) -> jax.Array:
-    """The identity, as a gather of rows 0..H-1 (NHWC). XLA:CPU fuses an elementwise chain (here
-    the K*K shifted products) into EVERY consumer, so a conv output read by a BatchNorm's
-    statistics, its normalisation and their gradients would be recomputed per consumer (~1.6x
-    the runlocal tower's forward+backward time, measured); a gather is an op XLA:CPU never
-    duplicates, so the chain is computed once, into the gather's buffer. Along the height axis:
-    the batch axis is sharded over the data-parallel devices, and a gather along it makes GSPMD
-    all-gather activations."""
-    rows = jnp.arange(x.shape[1])
-    return jnp.take(x, rows, axis=1, mode="clip", unique_indices=True, indices_are_sorted=True)
-
-
-def _sum(terms: list[jax.Array], shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return functools.reduce(jnp.add, terms) if terms else jnp.zeros(shape, dtype)
-
-
-def _output_hw(x_hw, kernel_hw, strides, padding) -> tuple[int, int]:
-    return tuple(
-        (size + low + high - kernel) // stride + 1
-        for size, kernel, stride, (low, high) in zip(x_hw, kernel_hw, strides, padding)
-    )
-
-
-def _depthwise_forward(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-    """out[b, i, j, c] = sum_{dy, dx} x_padded[b, s_h*i + dy, s_w*j + dx, c] * kernel[dy, dx, c]."""
-    batch, height, width, channels = x.shape
-    out_h, out_w = _output_hw((height, width), kernel.shape[:2], strides, padding)
-    padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    rows = live_taps(height, padding[0][0], kernel.shape[0], strides[0], out_h)
-    cols = live_taps(width, padding[1][0], kernel.shape[1], strides[1], out_w)
-    terms = [
-        _window(padded, (dy, dx), strides, (out_h, out_w)) * kernel[dy, dx]
-        for dy in rows
-        for dx in cols
-    ]
-    return _materialise(_sum(terms, (batch, out_h, out_w, channels), x.dtype))
-
-
-def _phase_taps(size, pad_low, kernel_size, stride, out_size, phase) -> list[tuple[int, int]]:
-    """(offset d, shift o) pairs along one axis such that input position stride * q + phase gets
-    g[q + o] * kernel[d] (the input gradient of a strided conv, one output phase at a time)."""
-    return [
-        (offset, (phase + pad_low - offset) // stride)
-        for offset in live_taps(size, pad_low, kernel_size, stride, out_size)
-        if (phase + pad_low - offset) % stride == 0
-    ]
-
-
-def _shift_padding(phases: list[list[tuple[int, int]]], count: int, out_size: int):
-    """Zero padding of g along one axis so that every g[q + o] (q < count) is in range."""
-    shifts = [shift for taps in phases for _, shift in taps] or [0]
-    return max(0, -min(shifts)), max(0, count - 1 + max(shifts) - (out_size - 1))
-
-
-def _depthwise_input_grad(g: jax.Array, kernel: jax.Array, x_hw, strides, padding) -> jax.Array:
-    """d out / d x as shifted copies of g: for a stride s, the input positions s*q + r (phase r)
-    each get their own sum of taps, and the s x s phases are interleaved at the end."""
-    batch, out_h, out_w, channels = g.shape
-    counts = [-(-size // stride) for size, stride in zip(x_hw, strides)]  # ceil(size / stride)
-    phases = [
-        [_phase_taps(size, low, kernel_size, stride, out, r) for r in range(stride)]
-        for size, (low, _), kernel_size, stride, out in zip(
-            x_hw, padding, kernel.shape[:2], strides, (out_h, out_w)
-        )
-    ]
-    (top, bottom), (left, right) = (
-        _shift_padding(axis_phases, count, out)
-        for axis_phases, count, out in zip(phases, counts, (out_h, out_w))
-    )
-    padded = jnp.pad(g, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    phase_shape = (batch, *counts, channels)
-    rows = []
-    for row_taps in phases[0]:
-        cols = []
-        for col_taps in phases[1]:
-            terms = [
-                _window(padded, (top + row_shift, left + col_shift), (1, 1), counts)
-                * kernel[dy, dx]
-                for dy, row_shift in row_taps
-                for dx, col_shift in col_taps
-            ]
-            cols.append(_sum(terms, phase_shape, g.dtype))
-        rows.append(jnp.stack(cols, axis=3))  # (B, qh, qw, s_w, C)
-    interleaved = jnp.stack(rows, axis=2)  # (B, qh, s_h, qw, s_w, C)
-    full_hw = [count * stride for count, stride in zip(counts, strides)]
-    dx = interleaved.reshape(batch, *full_hw, channels)[:, : x_hw[0], : x_hw[1]]
-    return _materialise(dx)
-
-
-def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw, strides, padding) -> jax.Array:
-    """d out / d kernel over the live taps (zero elsewhere): XLA's depthwise-conv kernel gradient
-    (no channel multiplier here) for large windows, one reduction per tap for small ones."""
-    channels = x.shape[-1]
-    rows = live_taps(x.shape[1], padding[0][0], kernel_hw[0], strides[0], g.shape[1])
-    cols = live_taps(x.shape[2], padding[1][0], kernel_hw[1], strides[1], g.shape[2])
-    if len(rows) * len(cols) <= MAX_TAPS_REDUCED:
-        padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-
-        def tap_grad(dy: int, dx: int) -> jax.Array:
-            if dy not in rows or dx not in cols:
-                return jnp.zeros((channels,), g.dtype)
-            window = _window(padded, (dy, dx), strides, g.shape[1:3])
-            return jnp.sum(window * g, axis=(0, 1, 2))
-
-        height, width = kernel_hw
-        return jnp.stack(
-            [jnp.stack([tap_grad(dy, dx) for dx in range(width)]) for dy in range(height)]
-        )
-    # The live taps are a box; XLA's conv over that box alone (its padding moved by the box's
-    # corner) skips the taps that only see padding.
-    (top, bottom), (left, right) = padding
-    box_padding = (
-        (top - rows[0], bottom - (kernel_hw[0] - 1 - rows[-1])),
-        (left - cols[0], right - (kernel_hw[1] - 1 - cols[-1])),
-    )
-
-    def conv(box_kernel: jax.Array) -> jax.Array:
-        return jax.lax.conv_general_dilated(
-            x,
-            box_kernel[:, :, None, :],
-            strides,
-            box_padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=channels,
-        )
-
-    box_shape = (len(rows), len(cols), channels)
-    _, pullback = jax.vjp(conv, jnp.zeros(box_shape, g.dtype))
-    (box_grad,) = pullback(g)
-    outside_box = (
-        (rows[0], kernel_hw[0] - 1 - rows[-1]),
-        (cols[0], kernel_hw[1] - 1 - cols[-1]),
-        (0, 0),
-    )
-    return jnp.pad(box_grad, outside_box)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_shifts(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-    """Depthwise conv (kernel (KH, KW, C), one filter per channel) by shifted copies."""
-    return _depthwise_forward(x, kernel, strides, padding)
-
-
-def _depthwise_shifts_fwd(x, kernel, strides, padding):
-    return _depthwise_forward(x, kernel, strides, padding), (x, kernel)
-
-
-def _depthwise_shifts_bwd(strides, padding, residuals, g):
-    # Own gradients: autodiff of the shifted sum would keep all K*K windows as residuals and
-    # pad-and-add one cotangent per tap; these are again sums of shifted copies.
-    x, kernel = residuals
-    g = _materialise(g)
-    dx = _depthwise_input_grad(g, kernel, x.shape[1:3], strides, padding)
-    return dx, _depthwise_kernel_grad(x, g, kernel.shape[:2], strides, padding)
-
-
-_depthwise_shifts.defvjp(_depthwise_shifts_fwd, _depthwise_shifts_bwd)
-
-
-def depthwise_conv_shifts(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-) -> jax.Array:
-    """``lax.conv_general_dilated`` for depthwise convs (NHWC input, HWIO kernel (KH, KW, 1,
-    m * C), ``feature_group_count`` = C, no dilation), computed as K*K shifted, per-channel-scaled
-    copies of the padded input, with gradients of the same kind; usable as ``nn.Conv``'s
-    ``conv_general_dilated``. A channel multiplier m > 1 repeats each input channel m times
-    (output channel o reads input channel o // m, as in a grouped conv). Sums are taken in at
-    least float32; the result has the inputs' dtype (or ``preferred_element_type``)."""
-    del precision  # the products and sums are plain float32 (or wider) arithmetic
-    channels = lhs.shape[-1]
-    nhwc = ("NHWC", "HWIO", "NHWC")
-    if (
-        lhs.ndim != 4
-        or rhs.ndim != 4
-        or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, nhwc)
-    ):
-        raise ValueError("depthwise_conv_shifts takes NHWC inputs and HWIO kernels")
-    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
-        raise ValueError("depthwise_conv_shifts does not dilate")
-    if feature_group_count != channels or rhs.shape[2] != 1 or rhs.shape[3] % channels:
-        raise ValueError(
-            f"not a depthwise conv: {channels} input channels, feature_group_count "
-            f"{feature_group_count}, kernel {rhs.shape}"
-        )
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    padding = tuple((int(low), int(high)) for low, high in padding)
-    if any(p < 0 for pair in padding for p in pair):
-        raise ValueError(f"depthwise_conv_shifts needs non-negative padding, got {padding}")
-    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-    compute_dtype = jnp.promote_types(jnp.result_type(lhs, rhs), jnp.float32)
-    multiplier = rhs.shape[3] // channels
-    if multiplier > 1:
-        lhs = jnp.repeat(lhs, multiplier, axis=-1)
-    kernel = rhs.reshape(*rhs.shape[:2], rhs.shape[3]).astype(compute_dtype)
-    out = _depthwise_shifts(lhs.astype(compute_dtype), kernel, strides, padding)
-    return out.astype(out_dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Re-parameterisation (train-time branches + BatchNorms -> single convolutions)
-# --------------------------------------------------------------------------------------------------
-
-Tree = Mapping[str, Any]
-
-
-def fold_batch_norm(
-    kernel: np.ndarray, params: Tree, stats: Tree, epsilon: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel, bias) of conv-then-BN (evaluation mode) as one conv; HWIO kernel, float64."""
-    multiplier = np.asarray(params["scale"], np.float64) / np.sqrt(
-        np.asarray(stats["var"], np.float64) + epsilon
-    )
-    mean = np.asarray(stats["mean"], np.float64)
-    bias = np.asarray(params["bias"], np.float64) - mean * multiplier
-    return np.asarray(kernel, np.float64) * multiplier, bias
-
-
-def identity_kernel(channels: int, in_per_group: int, kernel_size: int) -> np.ndarray:
-    """HWIO kernel of the identity map for a conv with ``channels // in_per_group`` groups."""
-    kernel = np.zeros((kernel_size, kernel_size, in_per_group, channels))
-    centre = kernel_size // 2
-    kernel[centre, centre, np.arange(channels) % in_per_group, np.arange(channels)] = 1.0
-    return kernel
-
-
-def pad_kernel(kernel: np.ndarray, kernel_size: int) -> np.ndarray:
-    """Zero-pad an HWIO kernel to kernel_size x kernel_size, centred (same output alignment)."""
-    pad = (kernel_size - kernel.shape[0]) // 2
-    return np.pad(kernel, ((pad, pad), (pad, pad), (0, 0), (0, 0)))
-
-
-def _fold_conv_bn(params: Tree, stats: Tree, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
-    return fold_batch_norm(params["conv"]["kernel"], params["bn"], stats["bn"], epsilon)
-
-
-def _fold_mobileone(
-    params: Tree,
-    stats: Tree,
-    epsilon: float,
-    kernel_size: int | None = None,
-    in_per_group: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One (kernel, bias) for the sum of a MobileOne block's branches. ``kernel_size`` and
-    ``in_per_group`` are read off the conv branches; give them for an identity-only block."""
-    branches = sorted(name for name in params if name.startswith("conv_kxk_"))
-    if branches:
-        shape = np.shape(params[branches[0]]["conv"]["kernel"])
-        kernel_size, in_per_group = shape[0], shape[2]
-    elif "conv_scale" in params:
-        in_per_group = np.shape(params["conv_scale"]["conv"]["kernel"])[2]
-    if kernel_size is None or in_per_group is None:
-        raise ValueError("kernel_size and in_per_group are needed for an identity-only block")
-    kernel, bias = 0.0, 0.0
-    for name in branches:
-        branch_kernel, branch_bias = _fold_conv_bn(params[name], stats[name], epsilon)
-        kernel, bias = kernel + branch_kernel, bias + branch_bias
-    if "conv_scale" in params:
-        scale_kernel, scale_bias = _fold_conv_bn(params["conv_scale"], stats["conv_scale"], epsilon)
-        kernel, bias = kernel + pad_kernel(scale_kernel, kernel_size), bias + scale_bias
-    if "identity" in params:
-        channels = np.shape(params["identity"]["scale"])[0]
-        identity = identity_kernel(channels, in_per_group, kernel_size)
-        id_kernel, id_bias = fold_batch_norm(
-            identity, params["identity"], stats["identity"], epsilon
-        )
-        kernel, bias = kernel + id_kernel, bias + id_bias
-    return kernel, bias
-
-
-def _conv_params(kernel: np.ndarray, bias: np.ndarray, like: Any) -> dict[str, np.ndarray]:
-    dtype = np.asarray(like).dtype
-    return {"kernel": kernel.astype(dtype), "bias": bias.astype(dtype)}
-
-
-def _is_mobileone(params: Tree) -> bool:
-    branches = ("identity", "conv_scale")
-    return any(name.startswith("conv_kxk_") or name in branches for name in params)
-
-
-def _reparameterize_node(params: Tree, stats: Tree, epsilon: float) -> tuple[dict, dict]:
-    """(params, batch_stats) of one module subtree in the inference form."""
-    like = jax.tree.leaves(params)[0]
-    if "large_conv" in params:
-        kernel, bias = _fold_conv_bn(params["large_conv"], stats["large_conv"], epsilon)
-        small_kernel, small_bias = _fold_conv_bn(params["small_conv"], stats["small_conv"], epsilon)
-        kernel = kernel + pad_kernel(small_kernel, kernel.shape[0])
-        folded = {"reparam_conv": _conv_params(kernel, bias + small_bias, like)}
-        return folded | ({"se": params["se"]} if "se" in params else {}), {}
-    if {"mixer", "norm", "layer_scale"} <= set(params):  # RepMixer
-        mixer_kernel, mixer_bias = _fold_mobileone(params["mixer"], stats["mixer"], epsilon)
-        size, in_per_group = mixer_kernel.shape[0], mixer_kernel.shape[2]
-        norm_kernel, norm_bias = _fold_mobileone(
-            params["norm"], stats["norm"], epsilon, size, in_per_group
-        )
-        gamma = np.asarray(params["layer_scale"], np.float64)
-        identity = identity_kernel(gamma.shape[0], in_per_group, size)
-        kernel = identity + gamma * (mixer_kernel - norm_kernel)
-        return {"reparam_conv": _conv_params(kernel, gamma * (mixer_bias - norm_bias), like)}, {}
-    if "pos_enc" in params:  # RepCPE
-        pos_kernel = np.asarray(params["pos_enc"]["kernel"], np.float64)
-        size, in_per_group, channels = pos_kernel.shape[0], pos_kernel.shape[2], pos_kernel.shape[3]
-        kernel = identity_kernel(channels, in_per_group, size) + pos_kernel
-        bias = np.asarray(params["pos_enc"]["bias"], np.float64)
-        return {"reparam_conv": _conv_params(kernel, bias, like)}, {}
-    if _is_mobileone(params):
-        kernel, bias = _fold_mobileone(params, stats, epsilon)
-        folded = {"reparam_conv": _conv_params(kernel, bias, like)}
-        return folded | ({"se": params["se"]} if "se" in params else {}), {}
-    new_params, new_stats = {}, {}
-    for name, child in params.items():
-        if isinstance(child, Mapping):
-            child_params, child_stats = _reparameterize_node(child, stats.get(name, {}), epsilon)
-            new_params[name] = child_params
-            if child_stats:
-                new_stats[name] = child_stats
-        else:
-            new_params[name] = child
-    # BatchNorms that stay (ConvMlp's, the attention blocks') keep their running statistics,
-    # the leaves (mean, var) of their stats node.
-    new_stats.update({name: leaf for name, leaf in stats.items() if name not in params})
-    return new_params, new_stats
-
-
-def reparameterize(
-    variables: Tree, tower: MobileClipImageTower
-) -> tuple[dict[str, Any], MobileClipImageTower]:
-    """Fold the train-time tower's branches and their BatchNorms (running statistics) into single
-    convolutions: returns ``(inference_variables, inference_tower)`` whose evaluation-mode
-    outputs equal ``tower.apply(variables, images, train=False)``. ``variables`` holds
-    ``params`` and ``batch_stats`` (fully addressable: gather sharded arrays first); the folding
-    runs in float64 in NumPy and the results take the parameters' dtype."""
-    if tower.reparameterized:
-        raise ValueError("the tower is already re-parameterised")
-    params, stats = _reparameterize_node(
-        variables["params"], variables.get("batch_stats", {}), tower.bn_epsilon
-    )
-    return {"params": params, "batch_stats": stats}, tower.clone(reparameterized=True)

@@ -30,7 +30,8 @@ from test_mobileclip import (
 )
 from torch_env import require_torch_env, run_torch_script
 
-from models.mobileclip import MobileClipImageTower, reparameterize
+from models.mobileclip import MobileClipImageTower
+from models.mobileclip_reparam import reparameterize
 from pretrain.export import timm_fastvit as export
 
 TOLERANCE = 1e-4

@@ -1,7 +1,7 @@
 """MobileCLIP's MCi image towers: parameter counts (the paper's), shapes of the named
-intermediates, re-parameterisation that leaves evaluation outputs unchanged (random weights and
-random, non-trivial BatchNorm statistics), per-group BatchNorm in training, rematerialisation,
-bfloat16, and the sharded global batch.
+intermediates, per-group BatchNorm in training, rematerialisation, bfloat16, the sharded global
+batch, and the depthwise convs as shifted copies against XLA's grouped convs in the whole tower.
+Re-parameterisation: test_mobileclip_reparam.py; the depthwise op itself: test_depthwise.py.
 """
 
 from __future__ import annotations
@@ -14,13 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from random_params import random_params
 from tree_compare import assert_close_at_one_scale, assert_close_at_scale
 
-from models.mobileclip import (
-    MCI_VARIANTS,
-    MobileClipImageTower,
-    identity_kernel,
-    pad_kernel,
-    reparameterize,
-)
+from models.mobileclip import MCI_VARIANTS, MobileClipImageTower
 from pretrain import sharding
 
 IMAGE_SIZE = 64
@@ -31,7 +25,6 @@ SMALL = {"depths": (1, 1, 2, 1), "widths": (16, 32, 64, 128)}
 TINY = {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}
 # MobileCLIP paper (Table: MCi0 / MCi1 / MCi2 image encoders), millions of parameters.
 PAPER_MILLIONS = {"mci0": 11.4, "mci1": 21.5, "mci2": 35.7}
-REPARAMETERIZE_TOLERANCE = 1e-5
 
 
 def count(tree) -> int:
@@ -104,6 +97,8 @@ def test_variants_fields_and_width():
         variable_shapes(MobileClipImageTower(depths=(1, 1), widths=(16, 32, 64)))
     with pytest.raises(ValueError, match="head_dim"):
         variable_shapes(MobileClipImageTower(**{**SMALL, "widths": (16, 32, 64, 100)}))
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        variable_shapes(MobileClipImageTower(**TINY, depthwise_impl="fft"))
 
 
 def test_intermediates_shapes_and_embedding():
@@ -132,80 +127,6 @@ def test_intermediates_shapes_and_embedding():
         random_images(2, seed=0),
     )
     np.testing.assert_allclose(pooled, intermediates["pre_logits"], rtol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------
-# Re-parameterisation
-# --------------------------------------------------------------------------------------------------
-
-
-def test_identity_and_padded_kernels():
-    """The folded identity is a conv that returns its input (grouped: 2 inputs per group), and a
-    1x1 kernel padded to 3x3 gives the same conv (stride 2 included)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
-
-    def conv(inputs, kernel, stride=1, groups=1):
-        pad = kernel.shape[0] // 2
-        return jax.lax.conv_general_dilated(
-            inputs,
-            kernel.astype(np.float32),
-            (stride, stride),
-            ((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
-        )
-
-    np.testing.assert_allclose(conv(x, identity_kernel(4, 2, 3), groups=2), x, atol=1e-7)
-    np.testing.assert_allclose(conv(x, identity_kernel(4, 1, 7), groups=4), x, atol=1e-7)
-    small = rng.standard_normal((1, 1, 4, 8))
-    np.testing.assert_allclose(
-        conv(x, small, stride=2), conv(x, pad_kernel(small, 3), stride=2), atol=1e-6
-    )
-
-
-def assert_reparameterized_outputs_equal(tower: MobileClipImageTower, seed: int) -> dict:
-    variables = random_variables(tower, seed=seed)
-    inference_variables, inference_tower = reparameterize(variables, tower)
-    assert inference_tower.reparameterized and not tower.reparameterized
-    # The folded tree is exactly the inference tower's layout.
-    expected = variable_shapes(inference_tower)
-    assert jax.tree.structure(inference_variables) == jax.tree.structure(expected)
-    for folded, wanted in zip(jax.tree.leaves(inference_variables), jax.tree.leaves(expected)):
-        assert np.shape(folded) == wanted.shape and np.asarray(folded).dtype == wanted.dtype
-    images = random_images(3, seed=seed + 7)
-    before, before_intermediates = evaluate(tower, variables, images)
-    after, after_intermediates = evaluate(inference_tower, inference_variables, images)
-    differences = {"embedding": float(np.abs(np.asarray(before) - np.asarray(after)).max())}
-    for name in ("pre_logits", "final_features", "stage_0", "stage_1", "stage_2", "stage_3"):
-        reference = np.asarray(before_intermediates[name])
-        difference = float(np.abs(reference - np.asarray(after_intermediates[name])).max())
-        # Feature maps reach ~10 here; their float32 rounding scales with that magnitude.
-        assert difference <= REPARAMETERIZE_TOLERANCE * max(1.0, np.abs(reference).max()), name
-        differences[name] = difference
-    assert differences["embedding"] <= REPARAMETERIZE_TOLERANCE
-    assert differences["pre_logits"] <= REPARAMETERIZE_TOLERANCE
-    # The random statistics matter: ignoring them (identity BN) changes the outputs a lot.
-    plain = {**variables, "batch_stats": jax.tree.map(np.ones_like, variables["batch_stats"])}
-    assert np.abs(np.asarray(evaluate(tower, plain, images)[0]) - np.asarray(before)).max() > 1e-2
-    print(f"reparameterize max |diff|: {differences}")
-    return differences
-
-
-def test_reparameterize_keeps_outputs_small():
-    assert_reparameterized_outputs_equal(MobileClipImageTower(**SMALL, output_dim=24), seed=1)
-
-
-def test_reparameterize_keeps_outputs_mci0():
-    assert_reparameterized_outputs_equal(
-        MobileClipImageTower.from_variant("mci0", output_dim=512), seed=2
-    )
-
-
-def test_reparameterize_rejects_inference_tower():
-    tower = MobileClipImageTower(**SMALL, reparameterized=True)
-    with pytest.raises(ValueError, match="already"):
-        reparameterize({"params": {}, "batch_stats": {}}, tower)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +161,22 @@ def test_training_uses_group_statistics_and_updates_running_stats():
     assert np.abs(np.asarray(evaluated) - np.asarray(grouped)).max() > 1e-3
 
 
+def train_step_values(tower: MobileClipImageTower, variables, images, scalar=jnp.sin):
+    """Train-mode loss sum(scalar(embedding)), its parameter gradients and the updated BatchNorm
+    statistics: ``((loss, updated), grads)``."""
+
+    def loss(params):
+        (embedding, _), updated = tower.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(scalar(embedding)), updated
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+
 @pytest.mark.slow
 def test_remat_gives_the_same_values_and_gradients():
     images = random_images(2, seed=5)
@@ -248,20 +185,7 @@ def test_remat_gives_the_same_values_and_gradients():
         for policy in ("none", "full")
     ]
     variables = random_variables(towers[0], seed=6)
-
-    def loss(params, tower):
-        (embedding, _), updated = tower.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return jnp.sum(embedding**2), updated
-
-    results = [
-        jax.jit(jax.value_and_grad(lambda p, t=t: loss(p, t), has_aux=True))(variables["params"])
-        for t in towers
-    ]
+    results = [train_step_values(tower, variables, images, scalar=jnp.square) for tower in towers]
     (value, stats), grads = results[0]
     (remat_value, remat_stats), remat_grads = results[1]
     np.testing.assert_allclose(value, remat_value, rtol=1e-5)
@@ -300,3 +224,23 @@ def test_sharded_batch_with_per_device_groups_matches_unsharded():
     np.testing.assert_allclose(embedding, expected, rtol=1e-4, atol=1e-5)
     for actual, wanted in zip(jax.tree.leaves(stats), jax.tree.leaves(expected_stats)):
         np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Depthwise implementations (models/depthwise.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~45 s on 2 cores, most of it compiling the grouped-conv gradients
+def test_tower_with_shifts_equals_tower_with_grouped_convs():
+    images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    conv_tower = MobileClipImageTower(**TINY, output_dim=8, depthwise_impl="conv")
+    shifts_tower = conv_tower.clone(depthwise_impl="shifts")
+    variables = conv_tower.init(jax.random.key(0), images[:1])
+    shifts_shapes = jax.eval_shape(shifts_tower.init, jax.random.key(0), images[:1])
+    assert jax.tree.map(np.shape, shifts_shapes) == jax.tree.map(np.shape, variables)
+    (value, stats), grads = train_step_values(conv_tower, variables, images)
+    (shifts_value, shifts_stats), shifts_grads = train_step_values(shifts_tower, variables, images)
+    np.testing.assert_allclose(shifts_value, value, rtol=1e-5)
+    assert_close_at_scale(shifts_stats, stats)
+    assert_close_at_one_scale(shifts_grads, grads)

@@ -1,15 +1,21 @@
 """Runs in the PyTorch environment: times open_clip's ViT-B-16 CLIP train step (float32, CPU).
 
 Same work as bench/train_step.py's JAX step: forward of both towers, the CLIP loss, backward,
-AdamW (betas 0.9/0.95, weight decay 0.2), and an EMA update. Prints one JSON line.
+AdamW (betas 0.9/0.95, weight decay 0.2), and an EMA update; timed as that step is (one warm-up
+step, then the median of ``--steps`` steps: bench/timing.py). Prints one JSON line.
 """
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import open_clip
 import torch
+
+# bench/timing.py imports only the standard library: usable here, where JAX is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench import timing
 
 
 def main() -> None:
@@ -37,11 +43,7 @@ def main() -> None:
             for average, parameter in zip(ema, model.parameters()):
                 average.lerp_(parameter, 1 - 0.9995)
 
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = timing.time_repeated(step, args.steps, wait=timing.no_wait).median
     print(json.dumps({"seconds_per_step": seconds, "examples_per_second": args.batch / seconds}))
 
 

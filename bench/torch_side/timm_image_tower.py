@@ -6,18 +6,22 @@
 Random weights, ``num_classes`` = the CLIP embedding width (timm's ``head.fc``, which open_clip's
 MobileCLIP configs use as the projection), eval mode, ``torch.inference_mode``, float32. With
 ``--reparameterize`` the model is first converted by ``timm.utils.reparameterize_model`` (the
-inference form of FastViT / MobileOne blocks). One warm-up call, then the median of ``--rounds``
-timed calls. Prints one JSON line.
+inference form of FastViT / MobileOne blocks). One warm-up call (first-call allocations and kernel
+selection), then the median of ``--rounds`` timed calls (bench/timing.py). Prints one JSON line.
 """
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import timm
 import torch
 from timm.utils import reparameterize_model
+
+# bench/timing.py imports only the standard library: usable here, where JAX is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench import timing
 
 
 def build_model(name: str, output_dim: int, reparameterize: bool) -> torch.nn.Module:
@@ -26,17 +30,6 @@ def build_model(name: str, output_dim: int, reparameterize: bool) -> torch.nn.Mo
     if reparameterize:
         model = reparameterize_model(model)
     return model
-
-
-def median_seconds(model: torch.nn.Module, images: torch.Tensor, rounds: int) -> float:
-    with torch.inference_mode():
-        model(images)  # warm-up: first-call allocations and kernel selection
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -51,12 +44,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(args.model, args.output_dim, args.reparameterize)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    seconds = median_seconds(model, images, args.rounds)
+    with torch.inference_mode():
+        seconds = timing.time_repeated(lambda: model(images), args.rounds, wait=timing.no_wait)
     print(
         json.dumps(
             {
-                "seconds_per_call": seconds,
-                "images_per_second": args.batch / seconds,
+                "seconds_per_call": seconds.median,
+                "images_per_second": args.batch / seconds.median,
                 "threads": torch.get_num_threads(),
             }
         )

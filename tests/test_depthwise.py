@@ -1,8 +1,8 @@
-"""MobileCLIP's depthwise convs as shifted copies (``depthwise_impl="shifts"``, the CPU default):
-values and both gradients against a float64 NumPy loop over kernel taps, for the geometries the
-tower has (3x3 / 7x7, strides 1 and 2, channel multiplier 2, maps smaller than the kernel) and
-some it has not; the whole tower against ``depthwise_impl="conv"`` (same parameter tree, outputs,
-BatchNorm statistics, gradients); no activation all-gather under the trainer's data mesh.
+"""Depthwise convs as shifted copies (models/depthwise.py; ``depthwise_impl="shifts"``, the CPU
+default): values and both gradients against a float64 NumPy loop over kernel taps, for the
+geometries the MCi towers have (3x3 / 7x7, strides 1 and 2, channel multiplier 2, maps smaller than
+the kernel) and some they have not; no activation all-gather under the trainer's data mesh. The
+whole MCi tower with shifts against grouped convs: test_mobileclip.py.
 """
 
 from __future__ import annotations
@@ -14,18 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-from tree_compare import assert_close_at_one_scale, assert_close_at_scale
 
-from models.mobileclip import (
-    MobileClipImageTower,
-    depthwise_conv_shifts,
-    live_taps,
-    resolve_depthwise_impl,
-)
+from models.depthwise import depthwise_conv_shifts, live_taps, resolve_depthwise_impl
 from pretrain import sharding
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-TINY = {"depths": (1, 1, 1, 1), "widths": (8, 16, 32, 64), "output_dim": 8}
 
 # (height, width, channels, multiplier, kernel (h, w), strides, padding)
 GEOMETRIES = {
@@ -144,39 +137,7 @@ def test_auto_is_shifts_on_cpu_and_unknown_names_fail():
     assert resolve_depthwise_impl("auto") == "shifts"
     assert resolve_depthwise_impl("conv") == "conv"
     with pytest.raises(ValueError, match="depthwise_impl"):
-        MobileClipImageTower(**TINY, depthwise_impl="fft").init(
-            jax.random.key(0), jnp.zeros((1, 64, 64, 3))
-        )
-
-
-def tower_step(tower: MobileClipImageTower, variables, images):
-    """Train-mode loss, gradients and updated BatchNorm statistics."""
-
-    def loss(params):
-        (embedding, _), updated = tower.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return jnp.sum(jnp.sin(embedding)), updated
-
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-
-
-@pytest.mark.slow  # ~45 s on 2 cores, most of it compiling the grouped-conv gradients
-def test_tower_with_shifts_equals_tower_with_grouped_convs():
-    images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
-    conv_tower = MobileClipImageTower(**TINY, depthwise_impl="conv")
-    shifts_tower = MobileClipImageTower(**TINY, depthwise_impl="shifts")
-    variables = conv_tower.init(jax.random.key(0), images[:1])
-    shifts_shapes = jax.eval_shape(shifts_tower.init, jax.random.key(0), images[:1])
-    assert jax.tree.map(np.shape, shifts_shapes) == jax.tree.map(np.shape, variables)
-    (value, stats), grads = tower_step(conv_tower, variables, images)
-    (shifts_value, shifts_stats), shifts_grads = tower_step(shifts_tower, variables, images)
-    np.testing.assert_allclose(shifts_value, value, rtol=1e-5)
-    assert_close_at_scale(shifts_stats, stats)
-    assert_close_at_one_scale(shifts_grads, grads)
+        resolve_depthwise_impl("fft")
 
 
 def test_data_parallel_gradients_gather_no_activations():
