@@ -22,10 +22,12 @@ from ml_collections import ConfigDict
 
 from configs.common import (
     checkpoint_config,
+    eval_config,
     imagenet_eval_set,
     parse_arg,
     placeholder,
     scenes_eval_set,
+    set_run_defaults,
 )
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -116,22 +118,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "worker_buffer_size": 2,
         }
     )
-    config.eval = ConfigDict(
-        {
-            "every_steps": 5_000,
-            "at_start": True,  # the initial head's accuracy (Transfer Init before training)
-            "include_ema": False,
-            "batch_size": 1024,
-            "worker_count": 8,
-            "sets": {
-                "imagenet": imagenet_eval_set(),
-            },
-        }
+    config.eval = eval_config(
+        5_000,
+        {"imagenet": imagenet_eval_set()},
+        at_start=True,  # the initial head's accuracy (Transfer Init before training)
+        include_ema=False,
     )
     config.checkpoint = checkpoint_config(every_steps=5_000, keep=2, best_metric="imagenet/top1")
-    config.log_every_steps = 100
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    config.distributed = "auto"
+    set_run_defaults(config)
 
     if args.runlocal:
         apply_runlocal(config)

@@ -20,10 +20,13 @@ from ml_collections import ConfigDict
 
 from configs.common import (
     checkpoint_config,
+    eval_config,
     imagenet_eval_set,
     parse_arg,
     placeholder,
     scenes_eval_set,
+    set_run_defaults,
+    set_runlocal_evaluation,
 )
 
 # Table 6 (b): max / min learning rate, batch per GPU and number of A100 GPUs.
@@ -121,25 +124,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "worker_buffer_size": 2,
         }
     )
-    config.eval = ConfigDict(
-        {
-            "every_steps": 5_000,
-            "include_ema": True,
-            "batch_size": 1024,
-            "worker_count": 8,
-            # Transfer-Init classification (no training on the target): ImageNet's wnids match
-            # the vocabulary's synsets exactly where present.
-            "sets": {
-                "imagenet": imagenet_eval_set(),
-            },
-        }
-    )
+    # Transfer-Init classification (no training on the target): ImageNet's wnids match the
+    # vocabulary's synsets exactly where present.
+    config.eval = eval_config(5_000, {"imagenet": imagenet_eval_set()}, include_ema=True)
     config.checkpoint = checkpoint_config(
         every_steps=2_000, keep=3, best_metric="imagenet/transfer_init_top1"
     )
-    config.log_every_steps = 100
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    config.distributed = "auto"
+    set_run_defaults(config)
 
     if args.runlocal:
         apply_runlocal(config)
@@ -172,10 +163,6 @@ def apply_runlocal(config: ConfigDict) -> None:
             "caption_choice": "random",
         }
     )
-    config.data.worker_count = 0
-    config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
-    config.eval.sets = ConfigDict({"scenes": scenes_eval_set()})
-    config.checkpoint.update(
-        {"every_steps": 250, "keep": 2, "best_metric": "scenes/transfer_init_top1"}
+    set_runlocal_evaluation(
+        config, {"scenes": scenes_eval_set()}, best_metric="scenes/transfer_init_top1"
     )
-    config.log_every_steps = 50

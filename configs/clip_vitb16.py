@@ -16,10 +16,13 @@ from ml_collections import ConfigDict
 
 from configs.common import (
     checkpoint_config,
+    eval_config,
     imagenet_eval_set,
     parse_arg,
     placeholder,
     scenes_eval_set,
+    set_run_defaults,
+    set_runlocal_evaluation,
 )
 
 # open_clip's text towers and embedding sizes that go with each image tower.
@@ -118,25 +121,17 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "worker_buffer_size": 2,
         }
     )
-    config.eval = ConfigDict(
-        {
-            "every_steps": 5_000,
-            "include_ema": True,
-            "batch_size": 1024,
-            "worker_count": 8,
-            # Sets that are not available (e.g. ImageNet not prepared for TFDS) are skipped with
-            # a warning at start-up. ImageNet-1k zero-shot uses the 80 OpenAI templates.
-            "sets": {
-                "imagenet": imagenet_eval_set(templates="openai_imagenet", captions=0),
-            },
-        }
+    # Sets that are not available (e.g. ImageNet not prepared for TFDS) are skipped with a
+    # warning at start-up. ImageNet-1k zero-shot uses the 80 OpenAI templates.
+    config.eval = eval_config(
+        5_000,
+        {"imagenet": imagenet_eval_set(templates="openai_imagenet", captions=0)},
+        include_ema=True,
     )
     config.checkpoint = checkpoint_config(
         every_steps=2_000, keep=3, best_metric="imagenet/zeroshot_top1"
     )
-    config.log_every_steps = 100
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    config.distributed = "auto"
+    set_run_defaults(config)
 
     if args.runlocal:
         apply_runlocal(config)
@@ -163,11 +158,8 @@ def apply_runlocal(config: ConfigDict) -> None:
     config.data.train.update(
         {"source": "synthetic_scenes", "scenes_config": "base", "split": "train"}
     )
-    config.data.worker_count = 0
-    config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
-    config.eval.sets = ConfigDict(
-        {"scenes": scenes_eval_set(templates="synthetic_scenes", captions=5)}
+    set_runlocal_evaluation(
+        config,
+        {"scenes": scenes_eval_set(templates="synthetic_scenes", captions=5)},
+        best_metric="scenes/zeroshot_top1",
     )
-    config.checkpoint.best_metric = "scenes/zeroshot_top1"
-    config.checkpoint.update({"every_steps": 250, "keep": 2})
-    config.log_every_steps = 50

@@ -44,6 +44,32 @@ def checkpoint_config(every_steps: int, keep: int = 3, best_metric: str = "") ->
     )
 
 
+def eval_config(every_steps: int, sets: dict[str, Any], **fields: Any) -> ConfigDict:
+    """``config.eval`` of a full recipe: evaluated every ``every_steps`` on ``sets``, in batches
+    of 1024 read by 8 workers; ``fields`` add or override (``include_ema``, ``at_start``...)."""
+    return ConfigDict(
+        {"every_steps": every_steps, "batch_size": 1024, "worker_count": 8, "sets": sets, **fields}
+    )
+
+
+def set_run_defaults(config: ConfigDict) -> None:
+    """What every full recipe logs and runs on: a log line every 100 steps, all devices
+    data-parallel, jax.distributed started when a multi-host launch is detected."""
+    config.log_every_steps = 100
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    config.distributed = "auto"
+
+
+def set_runlocal_evaluation(config: ConfigDict, sets: dict[str, Any], best_metric: str) -> None:
+    """A :runlocal recipe's evaluation and checkpoints on the embedded scenes (in-process data,
+    an evaluation and a checkpoint every 250 steps, the best one kept by ``best_metric``)."""
+    config.data.worker_count = 0
+    config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
+    config.eval.sets = ConfigDict(sets)
+    config.checkpoint.update({"every_steps": 250, "keep": 2, "best_metric": best_metric})
+    config.log_every_steps = 50
+
+
 def placeholder(kind: type) -> Any:
     """A typed empty field that a command-line override can fill (``--config.x=...``)."""
     return config_dict.placeholder(kind)

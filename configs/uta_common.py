@@ -17,10 +17,13 @@ from ml_collections import ConfigDict
 
 from configs.common import (
     checkpoint_config,
+    eval_config,
     imagenet_eval_set,
     parse_arg,
     placeholder,
     scenes_eval_set,
+    set_run_defaults,
+    set_runlocal_evaluation,
 )
 
 # ImageNet-21K (fall 2011 release, all 21,841 classes) has 14,197,122 images.
@@ -112,24 +115,16 @@ def uta_config(size: str, arg: str | None) -> ConfigDict:
             "worker_buffer_size": 2,
         }
     )
-    config.eval = ConfigDict(
-        {
-            "every_steps": 10_000,
-            "include_ema": False,
-            "batch_size": 1024,
-            "worker_count": 8,
-            # Zero-shot: the student's class token against the teacher's text tower.
-            "sets": {
-                "imagenet": imagenet_eval_set(templates="openai_imagenet", captions=0),
-            },
-        }
+    # Zero-shot: the student's class token against the teacher's text tower.
+    config.eval = eval_config(
+        10_000,
+        {"imagenet": imagenet_eval_set(templates="openai_imagenet", captions=0)},
+        include_ema=False,
     )
     config.checkpoint = checkpoint_config(
         every_steps=5_000, keep=3, best_metric="imagenet/zeroshot_top1"
     )
-    config.log_every_steps = 100
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    config.distributed = "auto"
+    set_run_defaults(config)
     if args.runlocal:
         apply_runlocal(config)
     return config
@@ -157,10 +152,8 @@ def apply_runlocal(config: ConfigDict) -> None:
     config.data.train = ConfigDict(
         {"source": "synthetic_scenes", "scenes_config": "base", "split": "train"}
     )
-    config.data.worker_count = 0
-    config.eval.update({"every_steps": 250, "batch_size": 200, "worker_count": 0})
-    config.eval.sets = ConfigDict(
-        {"scenes": scenes_eval_set(templates="synthetic_scenes", captions=5)}
+    set_runlocal_evaluation(
+        config,
+        {"scenes": scenes_eval_set(templates="synthetic_scenes", captions=5)},
+        best_metric="scenes/zeroshot_top1",
     )
-    config.checkpoint.update({"every_steps": 250, "keep": 2, "best_metric": "scenes/zeroshot_top1"})
-    config.log_every_steps = 50
