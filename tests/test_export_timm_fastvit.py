@@ -31,7 +31,9 @@ from test_mobileclip import (
 from torch_env import require_torch_env, run_torch_script
 
 from models.mobileclip import MobileClipImageTower, reparameterize
+from pretrain.export import fastvit_layout
 from pretrain.export import timm_fastvit as export
+from pretrain.export.tree_io import flatten
 
 TOLERANCE = 1e-4
 OUTPUT_NAMES = ("features", "pre_logits", "embedding", "stage_0", "stage_1", "stage_2", "stage_3")
@@ -85,6 +87,19 @@ def test_round_trip_is_exact(reparameterized):
     ]
     assert sum(value.size for value in weights) == count(variables["params"])
     assert any("reparam_conv" in key for key in state) == reparameterized
+
+
+@pytest.mark.parametrize("reparameterized", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_layout_from_fields_holds_the_towers_variables(name, reparameterized):
+    """The layout computed from the tower's fields names exactly the variables Flax creates."""
+    tower = CASES[name].clone(reparameterized=reparameterized)
+    fields = fastvit_layout.mci_fields(tower)
+    layout = fastvit_layout.jax_variable_shapes(
+        fastvit_layout.fastvit_leaves(fields), fields["head_dim"]
+    )
+    flax = {key: tuple(leaf.shape) for key, leaf in flatten(variable_shapes(tower)).items()}
+    assert layout == flax
 
 
 def test_mci0_keys_and_shapes_are_timms():

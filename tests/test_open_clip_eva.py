@@ -29,7 +29,7 @@ from models.text import TextTransformer
 from models.two_tower import TwoTowerModel
 from models.vit import VisionTransformer, eva02_variant
 from pretrain.export import open_clip as export
-from pretrain.export import timm_eva, timm_trunks
+from pretrain.export import timm_eva, timm_hub, timm_trunks
 from pretrain.export.open_clip_configs import OPEN_CLIP_MODEL_CONFIGS
 from pretrain.tasks.clip_teacher import build_teacher
 
@@ -82,7 +82,7 @@ def write_trunk(directory: Path, spec: dict, architecture: str | None = None) ->
     if architecture is not None:
         config["architecture"] = architecture
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / timm_eva.CONFIG_FILE_NAME).write_text(json.dumps(config))
+    (directory / timm_hub.CONFIG_FILE_NAME).write_text(json.dumps(config))
     return f"local-dir:{directory}"
 
 
@@ -205,7 +205,7 @@ def test_fused_and_separate_qkv_layouts_convert_both_ways():
         "blocks.0.attn.v_proj.bias": rng.standard_normal(6),
         "norm.weight": rng.standard_normal(6),
     }
-    fused = timm_trunks.fuse_qkv(separate)
+    fused = timm_eva.fuse_qkv(separate)
     assert sorted(fused) == [
         "blocks.0.attn.q_bias",
         "blocks.0.attn.qkv.weight",
@@ -215,7 +215,7 @@ def test_fused_and_separate_qkv_layouts_convert_both_ways():
     np.testing.assert_array_equal(
         fused["blocks.0.attn.qkv.weight"][6:12], separate["blocks.0.attn.k_proj.weight"]
     )
-    back = timm_trunks.split_qkv(fused)
+    back = timm_eva.split_qkv(fused)
     assert back.keys() == separate.keys()
     for key, value in separate.items():
         np.testing.assert_array_equal(back[key], value)

@@ -854,7 +854,7 @@ def _vision_trunk_to_torch(params: Entries, wiring: Mapping[str, Any]) -> StateD
         elif proj_bias is not None and np.any(proj_bias != 0):
             raise ValueError("image_encoder/proj_bias is non-zero, but timm_proj_bias is false")
     if wiring["trunk_args"].get("qkv_fused", True):
-        trunk = timm_trunks.fuse_qkv(trunk)
+        trunk = timm_eva.fuse_qkv(trunk)
     state.update({f"visual.trunk.{key}": value for key, value in trunk.items()})
     return state
 
@@ -1026,7 +1026,7 @@ def _vision_from_torch(state: Entries, num_heads: int) -> StateDict:
 
 
 def _vision_trunk_from_torch(state: Entries, wiring: Mapping[str, Any]) -> StateDict:
-    trunk = timm_trunks.split_qkv(
+    trunk = timm_eva.split_qkv(
         {
             key.removeprefix("visual.trunk."): state.take(key)
             for key in state.keys_under("visual.trunk.")

@@ -54,17 +54,8 @@ from models.mobileclip import (
     make_divisible,
 )
 from pretrain.export import timm_fastvit
-from pretrain.export.tree_io import (
-    BATCH_NORM_COUNTER,
-    Entries,
-    Shapes,
-    StateDict,
-    as_pair,
-    batch_norm_shapes,
-    flatten,
-    size_value,
-    unflatten,
-)
+from pretrain.export.state_dict_shapes import BATCH_NORM_COUNTER, Shapes, batch_norm_shapes
+from pretrain.export.tree_io import Entries, StateDict, as_pair, flatten, size_value, unflatten
 
 TRUNK_PREFIX = "visual.trunk."
 JAX_PREFIX = "image_encoder/"

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.export.tree_io import Entries, Shapes, as_pair, batch_norm_shapes, module_field
+from pretrain.export.state_dict_shapes import Shapes, batch_norm_shapes
+from pretrain.export.tree_io import Entries, as_pair, module_field
 
 # models/resnet.py's constants, restated: pretrain/export/ reads models through their fields and
 # parameter trees only.
