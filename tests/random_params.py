@@ -2,7 +2,8 @@
 
 Flax's own init runs eagerly op by op (seconds on a busy CPU); these are drawn from
 ``jax.eval_shape`` shapes instead, with LayerNorm scales off 1 and biases off 0 so that no
-parameter is a no-op a wrong mapping could hide behind, at roughly the init's scale.
+parameter is a no-op a wrong mapping could hide behind, at roughly the init's scale (a two-tower
+model's logit scale and bias near CLIP's and SigLIP's initial values).
 """
 
 import jax
@@ -16,13 +17,17 @@ def random_value(path: tuple[str, ...], shape: tuple[int, ...], rng) -> np.ndarr
         return 1 + 0.1 * noise
     if name == "bias":
         return 0.1 * noise
+    if name == "logit_scale":
+        return np.float32(np.log(1 / 0.07)) + 0.1 * noise
+    if name == "logit_bias":
+        return np.float32(-10) + 0.1 * noise
     if name == "kernel":
         # q/k/v kernels are (width, heads, head_dim): their fan-in is the first axis alone.
         fan_in = shape[0] if parent in ("query", "key", "value") else np.prod(shape[:-1])
         return noise / np.sqrt(fan_in).astype(np.float32)
-    if name in ("proj", "class_embedding"):
+    if name in ("proj", "text_projection", "class_embedding"):
         return noise / np.sqrt(shape[0]).astype(np.float32)
-    return 0.1 * noise  # position embeddings
+    return 0.1 * noise  # token and position embeddings
 
 
 def random_params(module, *init_args, seed: int = 0):

@@ -1,5 +1,5 @@
 """The EVA-02-style ViT image tower (e.g. UTA's student) <-> timm's ``Eva`` (``eva.py``), in a
-timm Hub directory (timm_hub.py says how to load one).
+timm Hub directory (timm_hub.py says how to load one); the model arguments are timm_eva_args.py's.
 
 A ``models.vit.VisionTransformer`` with the EVA-02 options (``from_variant("uta_base/16")``,
 ``"eva02_large/16"``...) is timm's ``Eva`` with ``qkv_fused=False``; the layout is
@@ -11,9 +11,7 @@ a zero ``head.bias``. timm's fused layout (``attn.qkv.weight`` rows [q | k | v] 
 
 The rotary embedding has no weights: timm rebuilds it from ``use_rot_pos_emb``,
 ``rope_temperature`` and ``ref_feat_shape`` with the same layout (models/rope.py). ``pool``
-"cls" / "gap" is ``global_pool`` "token" / "avg" with ``use_fc_norm=False``. Options of timm's
-``Eva`` the ViT does not have (layer scale, register tokens, qk-norm, fc_norm pooling, other RoPE
-types...) are rejected with their argument's name.
+"cls" / "gap" is ``global_pool`` "token" / "avg" with ``use_fc_norm=False``.
 """
 
 from __future__ import annotations
@@ -26,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from pretrain.export.state_dict_shapes import Shapes, check_state_dict, linear_shapes, norm_shapes
-from pretrain.export.timm_common import (
-    POOL_FROM_TIMM,
-    POOL_TO_TIMM,
-    vit_from_timm,
-    vit_shapes,
-    vit_to_timm,
+from pretrain.export.timm_common import vit_from_timm, vit_shapes, vit_to_timm
+from pretrain.export.timm_eva_args import (
+    TIMM_LAYER_NORM_EPS,
+    timm_architecture,
+    timm_model_args,
+    vit_kwargs_from_timm,
 )
 from pretrain.export.timm_hub import read_timm_directory, timm_hub_config, write_timm_directory
 from pretrain.export.tree_io import (
@@ -40,212 +38,33 @@ from pretrain.export.tree_io import (
     Entries,
     StateDict,
     as_arrays,
-    as_pair,
     contiguous_tree,
     flatten,
     heads_from_torch,
     heads_to_torch,
     layer_norm_from_torch,
     layer_norm_to_torch,
-    mlp_ratio_for,
-    module_field,
-    size_value,
     unwrap_variables,
 )
 
-# timm's eva uses its own LayerNorm, whose eps defaults to 1e-6 (a model_arg cannot change it).
-TIMM_LAYER_NORM_EPS = 1e-6
-
-# timm Eva.__init__ defaults for the arguments this mapping reads (a config.json may omit them).
-_TIMM_EVA_DEFAULTS: dict[str, Any] = {
-    "img_size": 224,
-    "patch_size": 16,
-    "in_chans": 3,
-    "num_classes": 1000,
-    "global_pool": "avg",
-    "embed_dim": 768,
-    "depth": 12,
-    "num_heads": 12,
-    "qkv_bias": True,
-    "qkv_fused": True,
-    "mlp_ratio": 4.0,
-    "swiglu_mlp": False,
-    "scale_mlp": False,
-    "scale_attn_inner": False,
-    "use_abs_pos_emb": True,
-    "use_rot_pos_emb": False,
-    "rope_temperature": 10000.0,
-    "ref_feat_shape": None,
-    "use_pre_transformer_norm": False,
-    "use_post_transformer_norm": None,
-    "use_fc_norm": None,
-}
-# timm Eva arguments whose non-default values change the network in ways the ViT cannot express,
-# each with the values this mapping supports.
-_UNSUPPORTED_TIMM_ARGS: dict[str, tuple[Any, ...]] = {
-    "in_chans": (3,),
-    "num_kv_heads": (None,),
-    "qk_norm": (False,),
-    "swiglu_align_to": (0,),
-    "attn_type": ("eva",),
-    "init_values": (None,),
-    "attn_only_layer_scale": (False,),
-    "class_token": (True,),
-    "num_reg_tokens": (0,),
-    "no_embed_class": (False,),
-    "rope_type": ("cat",),
-    "rope_grid_offset": (0, 0.0),
-    "rope_grid_indexing": ("ij",),
-    "rope_rotate_half": (False,),
-    "rope_mrope_section": (None,),
-    "use_post_norm": (False,),
-    "attn_pool_num_heads": (None,),
-    "attn_pool_mlp_ratio": (None,),
-    "dynamic_img_size": (False,),
-    "dynamic_img_pad": (False,),
-    "use_naflex": (None, False),
-}
+__all__ = [
+    "TIMM_LAYER_NORM_EPS",
+    "check_state_dict_matches_args",
+    "from_timm_state_dict",
+    "fuse_qkv",
+    "fused_qkv_shapes",
+    "load_timm",
+    "save_timm",
+    "split_qkv",
+    "timm_architecture",
+    "timm_config",
+    "timm_model_args",
+    "timm_state_dict_shapes",
+    "to_timm_state_dict",
+    "vit_kwargs_from_timm",
+]
 
 ParamTree = Mapping[str, Any]
-
-
-def timm_architecture(vit: Any) -> str:
-    """The registered timm name closest to this ViT (the model_args fix every detail anyway)."""
-    width = int(module_field(vit, "width"))
-    if module_field(vit, "attn_inner_norm", False):
-        return {1024: "eva02_large_patch14_clip_224"}.get(width, "eva02_base_patch16_clip_224")
-    names = {
-        192: "eva02_tiny_patch14_224",
-        384: "eva02_small_patch14_224",
-        1024: "eva02_large_patch14_224",
-    }
-    return names.get(width, "eva02_base_patch14_224")
-
-
-def timm_model_args(vit: Any, *, image_size: int | tuple[int, int]) -> dict[str, Any]:
-    """The keyword arguments of ``timm.create_model(name, pretrained=False, **args)`` that build
-    timm's ``Eva`` equal to this ViT (a ``VisionTransformer`` or a mapping of its fields).
-
-    ``image_size`` is the training resolution (the position embeddings fix the grid). Raises
-    ``ValueError`` naming the field when the ViT uses an option timm's ``Eva`` lacks.
-    """
-    problems = []
-    width, num_heads = int(module_field(vit, "width")), int(module_field(vit, "num_heads"))
-    if module_field(vit, "qkv_bias", "qkv") not in ("qv", "none"):
-        # timm's separate k_proj has no bias; with RoPE a key bias is not softmax-invariant.
-        problems.append("qkv_bias='qkv' (timm's eva has no key bias: use 'qv' or 'none')")
-    eps = float(module_field(vit, "layer_norm_eps", 1e-5))
-    if eps != TIMM_LAYER_NORM_EPS:
-        problems.append(f"layer_norm_eps={eps} (timm's eva LayerNorm uses {TIMM_LAYER_NORM_EPS})")
-    pre_norm = bool(module_field(vit, "pre_norm", True))
-    if bool(module_field(vit, "patch_bias", False)) == pre_norm:
-        problems.append(
-            f"patch_bias={not pre_norm} with pre_norm={pre_norm} (timm's patch embedding has a "
-            "bias exactly when there is no pre-transformer norm)"
-        )
-    pool = module_field(vit, "pool", "cls")
-    if pool not in POOL_TO_TIMM:
-        problems.append(f"pool={pool!r}")
-    mlp_type = module_field(vit, "mlp_type", "gelu")
-    if mlp_type not in ("gelu", "swiglu"):
-        problems.append(f"mlp_type={mlp_type!r}")
-    if problems:
-        raise ValueError("ViT options timm's Eva cannot express: " + ", ".join(problems))
-
-    mlp_dim = int(module_field(vit, "mlp_dim") or 4 * width)
-    output_dim = module_field(vit, "output_dim")
-    rope = bool(module_field(vit, "rope", False))
-    ref_grid = module_field(vit, "rope_ref_grid")
-    return {
-        "img_size": size_value(image_size),
-        "patch_size": int(module_field(vit, "patch_size")),
-        "embed_dim": width,
-        "depth": int(module_field(vit, "depth")),
-        "num_heads": num_heads,
-        "qkv_bias": module_field(vit, "qkv_bias", "qkv") == "qv",
-        "qkv_fused": False,
-        "mlp_ratio": mlp_ratio_for(width, mlp_dim),
-        "swiglu_mlp": mlp_type == "swiglu",
-        # The project's SwiGLU always has its hidden LayerNorm (timm's SwiGLU + norm_layer).
-        "scale_mlp": mlp_type == "swiglu",
-        "scale_attn_inner": bool(module_field(vit, "attn_inner_norm", False)),
-        "use_abs_pos_emb": bool(module_field(vit, "use_abs_pos", True)),
-        "use_rot_pos_emb": rope,
-        "rope_temperature": float(module_field(vit, "rope_theta", 10000.0)),
-        "ref_feat_shape": list(as_pair(ref_grid)) if rope and ref_grid is not None else None,
-        "use_pre_transformer_norm": pre_norm,
-        "use_post_transformer_norm": True,
-        "use_fc_norm": False,
-        "global_pool": POOL_TO_TIMM[pool],
-        "class_token": True,
-        "num_classes": 0 if output_dim is None else int(output_dim),
-    }
-
-
-def _check_supported(model_args: Mapping[str, Any]) -> None:
-    problems = [
-        f"{name}={model_args[name]!r}"
-        for name, supported in _UNSUPPORTED_TIMM_ARGS.items()
-        if name in model_args and model_args[name] not in supported
-    ]
-    args = {**_TIMM_EVA_DEFAULTS, **model_args}
-    fc_norm = (
-        args["use_fc_norm"] if args["use_fc_norm"] is not None else args["global_pool"] == "avg"
-    )
-    post_norm = args["use_post_transformer_norm"]
-    post_norm = (not fc_norm) if post_norm is None else post_norm
-    if fc_norm or not post_norm:
-        problems.append(
-            "use_fc_norm / use_post_transformer_norm: the ViT applies its final norm to all tokens "
-            "before pooling (use_fc_norm=False, use_post_transformer_norm=True)"
-        )
-    if args["global_pool"] not in POOL_FROM_TIMM:
-        problems.append(f"global_pool={args['global_pool']!r}")
-    if args["swiglu_mlp"] != args["scale_mlp"]:
-        problems.append(
-            f"swiglu_mlp={args['swiglu_mlp']} with scale_mlp={args['scale_mlp']} (the ViT has "
-            "SwiGLU with its hidden LayerNorm, or a plain GELU MLP)"
-        )
-    if problems:
-        raise ValueError(
-            "timm Eva options the project's ViT does not implement: " + ", ".join(problems)
-        )
-
-
-def vit_kwargs_from_timm(model_args: Mapping[str, Any]) -> dict[str, Any]:
-    """``VisionTransformer`` fields for timm ``Eva`` kwargs, plus ``"image_size"`` (height, width).
-
-    Arguments a config omits take timm ``Eva``'s defaults; build the model with
-    ``VisionTransformer(**{k: v for k, v in kwargs.items() if k != "image_size"})``.
-    """
-    _check_supported(model_args)
-    args = {**_TIMM_EVA_DEFAULTS, **model_args}
-    width = int(args["embed_dim"])
-    ref = args["ref_feat_shape"]
-    ref_grid = None if ref is None else as_pair(ref)
-    if ref_grid is not None and ref_grid[0] == ref_grid[1]:
-        ref_grid = ref_grid[0]
-    num_classes = int(args["num_classes"])
-    return {
-        "patch_size": as_pair(args["patch_size"])[0],
-        "width": width,
-        "depth": int(args["depth"]),
-        "num_heads": int(args["num_heads"]),
-        "mlp_dim": int(width * float(args["mlp_ratio"])),
-        "output_dim": num_classes if num_classes > 0 else None,
-        "pool": POOL_FROM_TIMM[args["global_pool"]],
-        "layer_norm_eps": TIMM_LAYER_NORM_EPS,
-        "pre_norm": bool(args["use_pre_transformer_norm"]),
-        "patch_bias": not args["use_pre_transformer_norm"],
-        "use_abs_pos": bool(args["use_abs_pos_emb"]),
-        "rope": bool(args["use_rot_pos_emb"]),
-        "rope_theta": float(args["rope_temperature"]),
-        "rope_ref_grid": ref_grid if args["use_rot_pos_emb"] else None,
-        "mlp_type": "swiglu" if args["swiglu_mlp"] else "gelu",
-        "qkv_bias": "qv" if args["qkv_bias"] else "none",
-        "attn_inner_norm": bool(args["scale_attn_inner"]),
-        "image_size": as_pair(args["img_size"]),
-    }
 
 
 def timm_state_dict_shapes(model_args: Mapping[str, Any]) -> Shapes:

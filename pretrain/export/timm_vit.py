@@ -1,5 +1,6 @@
 """The CLIP-style ViT image tower (e.g. CatLIP's classifier) <-> timm's ``VisionTransformer``
-(``vision_transformer.py``), in a timm Hub directory (timm_hub.py says how to load one).
+(``vision_transformer.py``), in a timm Hub directory (timm_hub.py says how to load one); the
+model arguments and architecture names are timm_vit_args.py's.
 
 The layout is timm_common.py's, with timm's fused attention: ``attn/{query,key,value}`` (W, H, D)
 are ``blocks.i.attn.qkv.weight`` (3 H*D, W), rows [q | k | v], and ``qkv.bias`` (``qkv_bias``).
@@ -9,12 +10,6 @@ The head is one of: (a) a classifier given beside the ViT (``head=`` a Flax Dens
 (``head.bias`` = ``proj_bias``, zero without); (c) none (``num_classes=0``: ``model(x)`` is the
 pooled embedding). ``pool`` "cls" / "gap" is ``global_pool`` "token" / "avg" with
 ``fc_norm=False``; ``activation="quick_gelu"`` is ``act_layer="quick_gelu"``.
-
-LayerNorm eps cannot be a JSON model argument (``norm_layer`` is a class), so the architecture
-name carries it: timm's ``vit_*_clip_*`` entry points bind 1e-5 (the ViT's default), its plain
-``vit_*`` ones 1e-6; ``model_args`` fix every other detail. Rejected with the field's name: EVA-02
-options (export those with timm_eva.py), a patch bias together with ln_pre (or neither), other
-eps, position embeddings stored for another grid than the exported image size.
 """
 
 from __future__ import annotations
@@ -26,8 +21,14 @@ from typing import Any
 import numpy as np
 
 from pretrain.export.state_dict_shapes import Shapes, check_state_dict
-from pretrain.export.timm_common import POOL_TO_TIMM, vit_from_timm, vit_shapes, vit_to_timm
+from pretrain.export.timm_common import vit_from_timm, vit_shapes, vit_to_timm
 from pretrain.export.timm_hub import read_timm_directory, timm_hub_config, write_timm_directory
+from pretrain.export.timm_vit_args import (
+    ARCHITECTURE_NAMES,
+    check_supported,
+    timm_architecture,
+    timm_model_args,
+)
 from pretrain.export.tree_io import (
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
@@ -39,13 +40,12 @@ from pretrain.export.tree_io import (
     flatten,
     heads_from_torch,
     heads_to_torch,
-    mlp_ratio_for,
-    module_field,
-    size_value,
     unwrap_variables,
 )
+from pretrain.export.vit_fields import vit_field, vit_mlp_dim
 
 __all__ = [
+    "ARCHITECTURE_NAMES",
     "from_timm_state_dict",
     "load_timm_vit",
     "save_timm_vit",
@@ -55,180 +55,8 @@ __all__ = [
     "to_timm_state_dict",
 ]
 
-# timm's vit_*_clip_* entry points bind this eps into their LayerNorm; plain vit_* ones use timm's
-# LayerNorm default.
-CLIP_LAYER_NORM_EPS = 1e-5
-TIMM_LAYER_NORM_EPS = 1e-6
-
-# ViT fields timm's VisionTransformer (as exported here) cannot take, with the values it can and
-# what to do instead.
-_SUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "rope": ((False,), "2-D RoPE: export with pretrain.export.timm_eva"),
-    "mlp_type": (("gelu",), "SwiGLU: export with pretrain.export.timm_eva"),
-    "qkv_bias": (("qkv", "none"), "timm's fused qkv has all three biases or none"),
-    "attn_inner_norm": ((False,), "EVA-02's attention sub-LN: export with timm_eva"),
-    "activation": (("gelu", "quick_gelu"), "timm act_layer gelu or quick_gelu"),
-    "pool": (tuple(POOL_TO_TIMM), "timm global_pool token or avg"),
-    "layer_norm_eps": (
-        (CLIP_LAYER_NORM_EPS, TIMM_LAYER_NORM_EPS),
-        "timm's vit_*_clip_* names give 1e-5, its other vit_* names 1e-6",
-    ),
-}
-# Field defaults of models.vit.VisionTransformer, for ViTs given as mappings of fields.
-_VIT_DEFAULTS: dict[str, Any] = {
-    "mlp_dim": None,
-    "output_dim": 512,
-    "pool": "cls",
-    "layer_norm_eps": 1e-5,
-    "pre_norm": True,
-    "patch_bias": False,
-    "use_abs_pos": True,
-    "rope": False,
-    "mlp_type": "gelu",
-    "qkv_bias": "qkv",
-    "attn_inner_norm": False,
-    "activation": "gelu",
-    "proj_bias": False,
-    "pos_embed_grid": None,
-}
-
-# Registered timm names (timm 1.0), by (width, patch): CLIP towers (eps 1e-5; those with a
-# QuickGELU twin end in "_quickgelu_224") and plain ViTs (eps 1e-6).
-_CLIP_NAMES = {
-    (256, 16): "vit_xsmall_patch16_clip_224",
-    (512, 16): "vit_medium_patch16_clip_224",
-    (512, 32): "vit_medium_patch32_clip_224",
-    (768, 16): "vit_base_patch16_clip_224",
-    (768, 32): "vit_base_patch32_clip_224",
-    (1024, 14): "vit_large_patch14_clip_224",
-    (1280, 14): "vit_huge_patch14_clip_224",
-}
-_CLIP_QUICKGELU_NAMES = {
-    (768, 16): "vit_base_patch16_clip_quickgelu_224",
-    (768, 32): "vit_base_patch32_clip_quickgelu_224",
-    (1024, 14): "vit_large_patch14_clip_quickgelu_224",
-    (1280, 14): "vit_huge_patch14_clip_quickgelu_224",
-}
-_PLAIN_NAMES = {
-    (192, 16): "vit_tiny_patch16_224",
-    (384, 16): "vit_small_patch16_224",
-    (768, 8): "vit_base_patch8_224",
-    (768, 16): "vit_base_patch16_224",
-    (768, 32): "vit_base_patch32_224",
-    (1024, 14): "vit_large_patch14_224",
-    (1024, 16): "vit_large_patch16_224",
-    (1280, 14): "vit_huge_patch14_224",
-}
-ARCHITECTURE_NAMES = (
-    *_CLIP_NAMES.values(),
-    *_CLIP_QUICKGELU_NAMES.values(),
-    *_PLAIN_NAMES.values(),
-)
-
 ParamTree = Mapping[str, Any]
 Head = Mapping[str, Any] | Sequence[Any]
-
-
-# --------------------------------------------------------------------------------------------------
-# Model arguments
-# --------------------------------------------------------------------------------------------------
-
-
-def _field(vit: Any, name: str) -> Any:
-    return module_field(vit, name, _VIT_DEFAULTS.get(name))
-
-
-def _check_supported(vit: Any) -> None:
-    """Raise ``ValueError`` naming every ViT field timm's VisionTransformer cannot express."""
-    problems = [
-        f"{name}={_field(vit, name)!r} ({why})"
-        for name, (supported, why) in _SUPPORTED_FIELDS.items()
-        if _field(vit, name) not in supported
-    ]
-    pre_norm = bool(_field(vit, "pre_norm"))
-    if bool(_field(vit, "patch_bias")) == pre_norm:
-        problems.append(
-            f"patch_bias={not pre_norm} with pre_norm={pre_norm} (timm's patch embedding has a "
-            "bias exactly when there is no ln_pre)"
-        )
-    if problems:
-        raise ValueError(
-            "ViT options timm's VisionTransformer cannot express: " + ", ".join(problems)
-        )
-
-
-def _mlp_dim(vit: Any) -> int:
-    return int(_field(vit, "mlp_dim") or 4 * int(_field(vit, "width")))
-
-
-def timm_architecture(vit: Any) -> str:
-    """The registered timm name closest to this ViT, with its LayerNorm eps (which only the name
-    can carry); the model_args fix every other detail."""
-    _check_supported(vit)
-    key = (int(_field(vit, "width")), int(_field(vit, "patch_size")))
-    if float(_field(vit, "layer_norm_eps")) == TIMM_LAYER_NORM_EPS:
-        return _PLAIN_NAMES.get(key, "vit_base_patch16_224")
-    if _field(vit, "activation") == "quick_gelu":
-        return _CLIP_QUICKGELU_NAMES.get(key, "vit_base_patch16_clip_quickgelu_224")
-    return _CLIP_NAMES.get(key, "vit_base_patch16_clip_224")
-
-
-def _num_classes(vit: Any, num_classes: int | None) -> int:
-    output_dim = _field(vit, "output_dim")
-    if num_classes is None:
-        return 0 if output_dim is None else int(output_dim)
-    if output_dim is not None and int(num_classes) != int(output_dim):
-        raise ValueError(
-            f"num_classes={num_classes}, but the ViT's own projection (timm's head) has "
-            f"output_dim={output_dim}"
-        )
-    return int(num_classes)
-
-
-def timm_model_args(
-    vit: Any, *, image_size: int | tuple[int, int], num_classes: int | None = None
-) -> dict[str, Any]:
-    """The keyword arguments of ``timm.create_model(timm_architecture(vit), **args)`` that build
-    timm's ``VisionTransformer`` equal to this ViT (a ``VisionTransformer`` or a mapping of its
-    fields).
-
-    ``image_size`` is the training resolution (the position embeddings fix the grid).
-    ``num_classes``: the classifier's class count (case (a)), 0 for no head; ``None`` means the
-    ViT's ``output_dim`` (its projection becomes the head), or 0 without one.
-    """
-    _check_supported(vit)
-    patch_size = int(_field(vit, "patch_size"))
-    height, width_px = as_pair(image_size)
-    if height % patch_size or width_px % patch_size:
-        raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
-    grid = (height // patch_size, width_px // patch_size)
-    stored_grid = _field(vit, "pos_embed_grid")
-    if stored_grid is not None and as_pair(stored_grid) != grid:
-        raise ValueError(
-            f"pos_embed_grid={stored_grid}, but image_size {image_size} gives a {grid} grid: "
-            "export at the resolution the position embeddings are stored for"
-        )
-    width = int(_field(vit, "width"))
-    args: dict[str, Any] = {
-        "img_size": size_value(image_size),
-        "patch_size": patch_size,
-        "embed_dim": width,
-        "depth": int(_field(vit, "depth")),
-        "num_heads": int(_field(vit, "num_heads")),
-        "mlp_ratio": mlp_ratio_for(width, _mlp_dim(vit)),
-        "qkv_bias": _field(vit, "qkv_bias") == "qkv",
-        "pre_norm": bool(_field(vit, "pre_norm")),
-        "class_token": True,
-        "global_pool": POOL_TO_TIMM[_field(vit, "pool")],
-        # The ViT's ln_post normalises all tokens before pooling, also for "gap" (where timm would
-        # otherwise norm after pooling).
-        "fc_norm": False,
-        "act_layer": _field(vit, "activation"),
-        "num_classes": _num_classes(vit, num_classes),
-    }
-    if not _field(vit, "use_abs_pos"):
-        args["pos_embed"] = "none"
-    return args
 
 
 def timm_state_dict_shapes(
@@ -236,8 +64,8 @@ def timm_state_dict_shapes(
 ) -> Shapes:
     """Keys and shapes of timm's ``VisionTransformer`` state dict for this ViT. ``num_positions``
     (1 + patches) may be None: then the ``pos_embed`` length reads ``None`` and is not checked."""
-    width = int(_field(vit, "width"))
-    qkv_bias = _field(vit, "qkv_bias") == "qkv"
+    width = int(vit_field(vit, "width"))
+    qkv_bias = vit_field(vit, "qkv_bias") == "qkv"
 
     def attention_shapes(prefix: str) -> Shapes:
         shapes: Shapes = {f"{prefix}.qkv.weight": (3 * width, width)}
@@ -247,14 +75,14 @@ def timm_state_dict_shapes(
 
     return vit_shapes(
         width=width,
-        patch_size=int(_field(vit, "patch_size")),
-        depth=int(_field(vit, "depth")),
-        mlp_dim=_mlp_dim(vit),
+        patch_size=int(vit_field(vit, "patch_size")),
+        depth=int(vit_field(vit, "depth")),
+        mlp_dim=vit_mlp_dim(vit),
         swiglu=False,
-        patch_bias=bool(_field(vit, "patch_bias")),
-        pre_norm=bool(_field(vit, "pre_norm")),
+        patch_bias=bool(vit_field(vit, "patch_bias")),
+        pre_norm=bool(vit_field(vit, "pre_norm")),
         positions=num_positions,
-        use_abs_pos=bool(_field(vit, "use_abs_pos")),
+        use_abs_pos=bool(vit_field(vit, "use_abs_pos")),
         attention_shapes=attention_shapes,
         head_outputs=num_classes,
     )
@@ -331,7 +159,7 @@ def to_timm_state_dict(
     ``ValueError`` for options timm cannot express, parameters timm has no place for, and keys or
     shapes other than timm's.
     """
-    _check_supported(vit)
+    check_supported(vit)
     entries = Entries(flatten(unwrap_variables(vit_params)), as_arrays(dtype), "ViT params")
     take = entries.take
     state = vit_to_timm(entries, _qkv_to_timm)
@@ -362,10 +190,10 @@ def from_timm_state_dict(
     ``head`` is None; without, timm's head (if any) is returned as a Dense's params
     ``{"kernel": (W, C), "bias": (C,)}``. Values may be NumPy arrays or CPU torch tensors.
     """
-    _check_supported(vit)
+    check_supported(vit)
     state_dict = {key: np.asarray(value, dtype=dtype) for key, value in state_dict.items()}
     num_classes = _head_outputs(state_dict)
-    output_dim = _field(vit, "output_dim")
+    output_dim = vit_field(vit, "output_dim")
     if output_dim is not None and num_classes != int(output_dim):
         raise ValueError(
             f"the ViT projects to output_dim={output_dim}, but timm's head has {num_classes} "
@@ -376,13 +204,13 @@ def from_timm_state_dict(
         state_dict,
         timm_state_dict_shapes(vit, num_classes=num_classes, num_positions=num_positions),
     )
-    num_heads = int(_field(vit, "num_heads"))
+    num_heads = int(vit_field(vit, "num_heads"))
     entries = Entries(state_dict, lambda value: value, "timm state dict")
     take = entries.take
     flat = vit_from_timm(
         entries,
-        width=int(_field(vit, "width")),
-        depth=int(_field(vit, "depth")),
+        width=int(vit_field(vit, "width")),
+        depth=int(vit_field(vit, "depth")),
         num_heads=num_heads,
         swiglu=False,
         attention_from_timm=_qkv_from_timm(num_heads),
@@ -394,7 +222,7 @@ def from_timm_state_dict(
             head = {"kernel": np.ascontiguousarray(kernel), "bias": bias}
         else:
             flat["proj"] = kernel
-            if _field(vit, "proj_bias"):
+            if vit_field(vit, "proj_bias"):
                 flat["proj_bias"] = bias
             elif np.any(bias != 0):
                 raise ValueError(
