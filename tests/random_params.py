@@ -9,6 +9,9 @@ model's logit scale and bias near CLIP's and SigLIP's initial values).
 import jax
 import numpy as np
 
+# Attention projections with (width, heads, head_dim) kernels (ViT / text, and the ResNet's pool).
+_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
+
 
 def random_value(path: tuple[str, ...], shape: tuple[int, ...], rng) -> np.ndarray:
     noise = rng.standard_normal(shape).astype(np.float32)
@@ -23,7 +26,7 @@ def random_value(path: tuple[str, ...], shape: tuple[int, ...], rng) -> np.ndarr
         return np.float32(-10) + 0.1 * noise
     if name == "kernel":
         # q/k/v kernels are (width, heads, head_dim): their fan-in is the first axis alone.
-        fan_in = shape[0] if parent in ("query", "key", "value") else np.prod(shape[:-1])
+        fan_in = shape[0] if parent in _PROJECTIONS else np.prod(shape[:-1])
         return noise / np.sqrt(fan_in).astype(np.float32)
     if name in ("proj", "text_projection", "class_embedding"):
         return noise / np.sqrt(shape[0]).astype(np.float32)
@@ -38,3 +41,24 @@ def random_params(module, *init_args, seed: int = 0):
         lambda path, leaf: random_value(tuple(entry.key for entry in path), leaf.shape, rng),
         shapes,
     )
+
+
+def random_variables(module, *init_args, seed: int = 0):
+    """``{"params", "batch_stats"}`` of a module with BatchNorm: random parameters as
+    :func:`random_params` draws them, running means around 0 with spread, running variances in
+    [0.5, 2] (not the init's 0 and 1, which a dropped statistic would go unnoticed at)."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *init_args)
+    rng = np.random.default_rng(seed)
+
+    def parameter(path, leaf):
+        return random_value(tuple(entry.key for entry in path), leaf.shape, rng)
+
+    def statistic(path, leaf):
+        if path[-1].key == "mean":
+            return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+
+    return {
+        "params": jax.tree_util.tree_map_with_path(parameter, shapes["params"]),
+        "batch_stats": jax.tree_util.tree_map_with_path(statistic, shapes["batch_stats"]),
+    }

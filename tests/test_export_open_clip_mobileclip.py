@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
-from random_params import random_value
+from random_params import random_variables as random_module_variables
 from test_export_open_clip import OPEN_CLIP_TEXT_CFG, random_inputs
 from test_export_open_clip_resnet import assert_embeddings_close, structured_images
 from torch_env import require_torch_env, run_parity_case, run_torch_script
@@ -82,28 +82,9 @@ def config_for(model: TwoTowerModel, image_size: int = IMAGE_SIZE) -> dict:
 
 
 def random_variables(model: TwoTowerModel, seed: int, image_size: int = IMAGE_SIZE) -> dict:
-    """``{"params", "batch_stats"}`` with random values (tests/random_params.py's for parameters;
-    BatchNorm running means around 0 with spread, running variances in [0.5, 2])."""
-    shapes = jax.eval_shape(
-        model.init,
-        jax.random.key(0),
-        jnp.zeros((1, image_size, image_size, 3)),
-        jnp.zeros((1, model.text_encoder.context_length), jnp.int32),
-    )
-    rng = np.random.default_rng(seed)
-
-    def parameter(path, leaf):
-        return random_value(tuple(entry.key for entry in path), leaf.shape, rng)
-
-    def statistic(path, leaf):
-        if path[-1].key == "mean":
-            return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-
-    return {
-        "params": jax.tree_util.tree_map_with_path(parameter, shapes["params"]),
-        "batch_stats": jax.tree_util.tree_map_with_path(statistic, shapes["batch_stats"]),
-    }
+    images = jnp.zeros((1, image_size, image_size, 3))
+    tokens = jnp.zeros((1, model.text_encoder.context_length), jnp.int32)
+    return random_module_variables(model, images, tokens, seed=seed)
 
 
 def make_inputs(batch: int, seed: int) -> dict:

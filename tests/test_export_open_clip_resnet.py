@@ -69,7 +69,9 @@ def config_for(model: TwoTowerModel, spec: dict) -> dict:
 
 def random_variables(model: TwoTowerModel, spec: dict, seed: int = 0) -> dict:
     """``{"params", "batch_stats"}`` with random, non-trivial values at roughly the init's scale:
-    BatchNorm scales off 1, running means off 0, running variances in [0.5, 2]."""
+    BatchNorm scales off 1, running means off 0, running variances in [0.5, 2]. Spread wider than
+    random_params.random_variables': through a deep random ResNet and an attention pool, less
+    spread leaves the images' embeddings too alike for the sanity checks below."""
     size = spec["image_size"]
     context = model.text_encoder.context_length
     shapes = jax.eval_shape(

@@ -36,6 +36,7 @@ from torch_parity import (
     create_timm_model,
     parameter_count,
     perturb_timm_,
+    run_commands,
     run_vit,
     state_report,
     write_timm_reference,
@@ -67,17 +68,7 @@ def count(specs_path: Path, out_path: Path) -> None:
     out_path.write_text(json.dumps(counts))
 
 
-def main(argv: list[str]) -> None:
-    command, *rest = argv
-    if command == "load-export":
-        load_export(Path(rest[0]))
-    elif command == "make-reference":
-        make_reference(Path(rest[0]), Path(rest[1]))
-    elif command == "count":
-        count(Path(rest[0]), Path(rest[1]))
-    else:
-        raise SystemExit(f"unknown command {command!r}")
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_commands(
+        sys.argv[1:], {"load-export": load_export, "make-reference": make_reference, "count": count}
+    )

@@ -44,10 +44,12 @@ from timm.utils.model import reparameterize_model
 from torch_parity import (
     check_timm_export,
     create_timm_model,
+    each,
     images_nchw,
     nhwc,
     parameter_count,
     perturb_timm_,
+    run_commands,
     write_timm_reference,
 )
 
@@ -129,26 +131,10 @@ def count(out_path: Path) -> None:
     out_path.write_text(json.dumps(counts, indent=2))
 
 
-def main(argv: list[str]) -> None:
-    """Commands run in order in one process (torch and timm import once), separated by "--"."""
-    commands: list[list[str]] = [[]]
-    for word in argv:
-        if word == "--":
-            commands.append([])
-        else:
-            commands[-1].append(word)
-    for command, *rest in filter(None, commands):
-        if command == "load-export":
-            for case_dir in rest:
-                load_export(Path(case_dir))
-        elif command == "make-reference":
-            for case_dir in rest:
-                make_reference(Path(case_dir))
-        elif command == "count":
-            count(Path(rest[0]))
-        else:
-            raise SystemExit(f"unknown command {command!r}")
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commands = {
+        "load-export": each(load_export),
+        "make-reference": each(make_reference),
+        "count": count,
+    }
+    run_commands(sys.argv[1:], commands)

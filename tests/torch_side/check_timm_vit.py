@@ -38,8 +38,10 @@ from parity_files import write_results
 from torch_parity import (
     check_timm_export,
     create_timm_model,
+    each,
     parameter_count,
     perturb_timm_,
+    run_commands,
     run_vit,
     state_report,
     write_timm_reference,
@@ -101,19 +103,10 @@ def inspect(in_path: Path, out_path: Path) -> None:
     out_path.write_text(json.dumps(out, indent=2))
 
 
-def main(argv: list[str]) -> None:
-    command, *rest = argv
-    if command == "load-export":
-        for case_dir in rest:
-            load_export(Path(case_dir))
-    elif command == "make-reference":
-        for case_dir in rest:
-            make_reference(Path(case_dir))
-    elif command == "inspect":
-        inspect(Path(rest[0]), Path(rest[1]))
-    else:
-        raise SystemExit(f"unknown command {command!r}")
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commands = {
+        "load-export": each(load_export),
+        "make-reference": each(make_reference),
+        "inspect": inspect,
+    }
+    run_commands(sys.argv[1:], commands)

@@ -6,7 +6,7 @@ and ``local-dir:``) with the check that both give the same model."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +132,28 @@ def write_timm_reference(
     save_file(state, str(reference_dir / TIMM_WEIGHTS_FILE))
     (reference_dir / TIMM_CONFIG_FILE).write_text(json.dumps(spec))
     write_results(case_dir, outputs, report)
+
+
+def each(command: Callable[[Path], None]) -> Callable[..., None]:
+    """A command over one case directory, run for every case directory it is given."""
+
+    def for_each(*case_dirs: Path) -> None:
+        for case_dir in case_dirs:
+            command(case_dir)
+
+    return for_each
+
+
+def run_commands(argv: list[str], commands: Mapping[str, Callable[..., None]]) -> None:
+    """Run ``COMMAND ARG...`` groups separated by ``--`` in order, in one process (torch and timm
+    import once); each command gets its arguments as paths."""
+    groups: list[list[str]] = [[]]
+    for word in argv:
+        if word == "--":
+            groups.append([])
+        else:
+            groups[-1].append(word)
+    for name, *args in filter(None, groups):
+        if name not in commands:
+            raise SystemExit(f"unknown command {name!r}; known: {sorted(commands)}")
+        commands[name](*map(Path, args))

@@ -56,7 +56,7 @@ def open_clip_model_config(
         "vision_cfg": vision_cfg,
         "text_cfg": text_cfg(text_encoder, embed_dim),
     }
-    if "timm_model_name" in vision_cfg:
+    if family.timm_trunk:
         config["custom_text"] = True
     if init_logit_bias is not None:
         config["init_logit_bias"] = float(init_logit_bias)

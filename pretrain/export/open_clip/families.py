@@ -44,9 +44,10 @@ class TowerFamily:
     is_vision_cfg: Callable[[VisionCfg], bool]
     # Whether flat two-tower ``params`` entries show this family (a parameter only it has).
     is_params: Callable[[Entries], bool]
-    # True: an export picks this family from its config, not from the parameters (a timm trunk,
-    # whose layout only the config names).
-    picked_by_config: bool
+    # True: open_clip builds the tower through timm (its TimmModel), from the config's
+    # timm_model_name: an export picks the family by its config, as the parameters do not show it,
+    # and the config says custom_text (CustomTextCLIP), as open_clip's own do.
+    timm_trunk: bool
     # Whether the tower has BatchNorm running statistics (the ``batch_stats`` collection).
     has_batch_stats: bool
     # (tower, image_size, timm_model_name, text activation) -> (vision_cfg, embed_dim).
@@ -73,21 +74,21 @@ _FUNCTIONS = (
 )
 
 
-def _family(module: ModuleType, *, picked_by_config: bool, has_batch_stats: bool) -> TowerFamily:
+def _family(module: ModuleType, *, timm_trunk: bool, has_batch_stats: bool) -> TowerFamily:
     """The family a module implements (its name is the module's)."""
     return TowerFamily(
         name=module.__name__.rsplit(".", 1)[-1],
-        picked_by_config=picked_by_config,
+        timm_trunk=timm_trunk,
         has_batch_stats=has_batch_stats,
         export_trunk=getattr(module, "export_trunk", _no_trunk),
         **{name: getattr(module, name) for name in _FUNCTIONS},
     )
 
 
-MOBILECLIP = _family(mobileclip, picked_by_config=True, has_batch_stats=True)
-RESNET = _family(resnet, picked_by_config=False, has_batch_stats=True)
-OPEN_CLIP_VIT = _family(vit, picked_by_config=False, has_batch_stats=False)
-EVA_TRUNK = _family(eva_trunk, picked_by_config=True, has_batch_stats=False)
+MOBILECLIP = _family(mobileclip, timm_trunk=True, has_batch_stats=True)
+RESNET = _family(resnet, timm_trunk=False, has_batch_stats=True)
+OPEN_CLIP_VIT = _family(vit, timm_trunk=False, has_batch_stats=False)
+EVA_TRUNK = _family(eva_trunk, timm_trunk=True, has_batch_stats=False)
 
 # Asked in order by each lookup below (the tower test and the config test each put the catch-all
 # last: EVA_TRUNK takes any ViT open_clip's ViT cannot be, OPEN_CLIP_VIT any other config).
@@ -112,6 +113,6 @@ def family_to_export(vision_cfg: VisionCfg, params: Entries) -> TowerFamily:
     return next(
         family
         for family in _BY_CONFIG
-        if (family.picked_by_config and vision_cfg and family.is_vision_cfg(vision_cfg))
+        if (family.timm_trunk and vision_cfg and family.is_vision_cfg(vision_cfg))
         or family.is_params(params)
     )
