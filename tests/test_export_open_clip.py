@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from torch_env import require_torch_env, run_torch_script
+from random_params import random_params as random_module_params
+from torch_env import assert_outputs_close, require_torch_env, run_parity_case
 
 from models.text import TextTransformer
 from models.two_tower import SIGLIP_LOGIT_BIAS_INIT, TwoTowerModel
@@ -98,6 +99,17 @@ VIT_B16 = {
 }
 
 
+# The text_cfg of open_clip's model_configs with its 512-wide text tower (ViT-B-16, RN50,
+# MobileCLIP-S1...).
+OPEN_CLIP_TEXT_CFG = {
+    "context_length": 77,
+    "vocab_size": 49408,
+    "width": 512,
+    "heads": 8,
+    "layers": 12,
+}
+
+
 def build_model(spec: dict) -> TwoTowerModel:
     return TwoTowerModel(
         VisionTransformer(**spec["image_encoder"]),
@@ -115,44 +127,11 @@ def config_for(model: TwoTowerModel, spec: dict) -> dict:
     )
 
 
-def random_value(path: tuple[str, ...], shape: tuple[int, ...], rng) -> np.ndarray:
-    """A random, non-trivial value for one parameter: LayerNorm scales off 1, biases off 0.
-
-    Drawn in NumPy from the parameter's shape (Flax's own init compiles for ~10 s on a busy CPU),
-    with roughly the init's scale so that activations stay in a sensible range.
-    """
-    noise = rng.standard_normal(shape).astype(np.float32)
-    name, parent = path[-1], path[-2] if len(path) > 1 else ""
-    if name == "scale":
-        return 1 + 0.1 * noise
-    if name == "bias":
-        return 0.1 * noise
-    if name == "logit_scale":
-        return np.float32(np.log(1 / 0.07)) + 0.1 * noise
-    if name == "logit_bias":
-        return np.float32(-10) + 0.1 * noise
-    if name == "kernel":
-        # q/k/v kernels are (width, heads, head_dim): their fan-in is the first axis alone.
-        fan_in = shape[0] if parent in ("query", "key", "value") else np.prod(shape[:-1])
-        return noise / np.sqrt(fan_in).astype(np.float32)
-    if name in ("proj", "text_projection", "class_embedding"):
-        return noise / np.sqrt(shape[0]).astype(np.float32)
-    return 0.1 * noise  # token and position embeddings
-
-
 def random_params(model: TwoTowerModel, spec: dict, seed: int = 0):
     height, width = spec["image_size"]
-    context = model.text_encoder.context_length
-    shapes = jax.eval_shape(
-        model.init,
-        jax.random.key(0),
-        jnp.zeros((1, height, width, 3)),
-        jnp.zeros((1, context), jnp.int32),
-    )["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: random_value(tuple(entry.key for entry in path), leaf.shape, rng), shapes
-    )
+    images = jnp.zeros((1, height, width, 3))
+    tokens = jnp.zeros((1, model.text_encoder.context_length), jnp.int32)
+    return random_module_params(model, images, tokens, seed=seed)
 
 
 def random_inputs(batch: int, image_size: tuple[int, int], context: int, seed: int) -> dict:
@@ -297,15 +276,7 @@ def test_vit_b16_config_keys_and_parameter_count_match_open_clip():
             "mlp_ratio": 4.0,
             "pool_type": "tok",
         },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 512,
-            "heads": 8,
-            "layers": 12,
-            "mlp_ratio": 4.0,
-            "no_causal_mask": False,
-        },
+        "text_cfg": {**OPEN_CLIP_TEXT_CFG, "mlp_ratio": 4.0, "no_causal_mask": False},
     }
     shapes = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32)
@@ -319,11 +290,14 @@ def test_vit_b16_config_keys_and_parameter_count_match_open_clip():
     assert state["logit_scale"].shape == ()
 
 
-@pytest.mark.parametrize(
+small_specs = pytest.mark.parametrize(
     "spec",
     [SMALL, NO_TEXT_PROJECTION, QUICK_GELU],
     ids=["small", "no_text_projection", "quick_gelu"],
 )
+
+
+@small_specs
 def test_round_trip_is_exact(spec):
     model = build_model(spec)
     params = random_params(model, spec)
@@ -340,11 +314,7 @@ def test_round_trip_is_exact(spec):
         np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [SMALL, NO_TEXT_PROJECTION, QUICK_GELU],
-    ids=["small", "no_text_projection", "quick_gelu"],
-)
+@small_specs
 def test_exported_state_dict_runs_like_open_clip_in_numpy(spec):
     model = build_model(spec)
     params = random_params(model, spec, seed=3)
@@ -516,13 +486,11 @@ def test_custom_text_clip_keys_import_like_clip_keys():
 # --------------------------------------------------------------------------------------------------
 
 
+EMBEDDINGS = ("image_embeds", "text_embeds")
+
+
 def assert_embeddings_close(ours: dict, theirs, what: str) -> str:
-    summary = []
-    for name in ("image_embeds", "text_embeds"):
-        difference = np.abs(ours[name] - theirs[name]).max()
-        assert difference < TOLERANCE, f"{what}: {name} differ by {difference:.2e}"
-        summary.append(f"{name} max |diff| {difference:.1e}")
-    return ", ".join(summary)
+    return assert_outputs_close(ours, theirs, EMBEDDINGS, tolerance=TOLERANCE, what=what)
 
 
 @pytest.mark.torch
@@ -542,13 +510,18 @@ def test_open_clip_loads_the_export_and_matches(tmp_path, spec, batch, request):
     config = config_for(model, spec)
     context = model.text_encoder.context_length
     inputs = random_inputs(batch, spec["image_size"], context, seed=6)
-    np.savez(tmp_path / "inputs.npz", **inputs)
     export.save_open_clip(tmp_path / "export", params, config, "exported-model")
     ours = jax_outputs(model, params, inputs)
-    run_torch_script("check_open_clip.py", "load-export", tmp_path, "exported-model", timeout=600)
+    report, theirs = run_parity_case(
+        tmp_path,
+        "check_open_clip.py",
+        "load-export",
+        tmp_path,
+        "exported-model",
+        inputs=inputs,
+        timeout=600,
+    )
 
-    report = json.loads((tmp_path / "report.json").read_text())
-    theirs = np.load(tmp_path / "torch_outputs.npz")
     exported = export.load_open_clip_weights(tmp_path / "export" / "open_clip_model.safetensors")
     assert report["model_class"] == "CLIP"
     assert report["exported_keys"] == report["model_keys"] == sorted(exported)
@@ -587,8 +560,15 @@ def test_open_clip_weights_import_into_jax_and_match(tmp_path, model_spec, reque
     else:
         image_size, context = (224, 224), 77
     inputs = random_inputs(2, image_size, context, seed=7)
-    np.savez(tmp_path / "inputs.npz", **inputs)
-    run_torch_script("check_open_clip.py", "make-reference", tmp_path, model_spec, timeout=600)
+    _, theirs = run_parity_case(
+        tmp_path,
+        "check_open_clip.py",
+        "make-reference",
+        tmp_path,
+        model_spec,
+        inputs=inputs,
+        timeout=600,
+    )
 
     config, params = export.load_open_clip(tmp_path / "reference")
     kwargs = export.jax_model_kwargs(config)
@@ -598,7 +578,6 @@ def test_open_clip_weights_import_into_jax_and_match(tmp_path, model_spec, reque
         TextTransformer(**kwargs["text_encoder"]),
         logit_bias_init=kwargs["logit_bias_init"],
     )
-    theirs = np.load(tmp_path / "torch_outputs.npz")
     ours = jax_outputs(model, params, inputs)
     summary = assert_embeddings_close(ours, theirs, "open_clip vs JAX import")
     np.testing.assert_array_equal(params["logit_scale"], theirs["logit_scale"])

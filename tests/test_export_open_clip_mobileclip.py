@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
-from random_params import random_value
-from test_export_open_clip import random_inputs
+from random_params import random_variables as random_module_variables
+from test_export_open_clip import OPEN_CLIP_TEXT_CFG, random_inputs
 from test_export_open_clip_resnet import assert_embeddings_close, structured_images
-from torch_env import require_torch_env, run_torch_script
+from torch_env import require_torch_env, run_parity_case, run_torch_script
 
 from configs import clip_mci0
 from models.mobileclip import MobileClipImageTower
@@ -62,14 +62,7 @@ def open_clip_mobileclip_config(variant: str) -> dict:
             "timm_drop_path": 0.0,
             "image_size": 256,
         },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 512,
-            "heads": 8,
-            "layers": 12,
-            "no_causal_mask": True,
-        },
+        "text_cfg": {**OPEN_CLIP_TEXT_CFG, "no_causal_mask": True},
         "custom_text": True,
     }
 
@@ -89,28 +82,9 @@ def config_for(model: TwoTowerModel, image_size: int = IMAGE_SIZE) -> dict:
 
 
 def random_variables(model: TwoTowerModel, seed: int, image_size: int = IMAGE_SIZE) -> dict:
-    """``{"params", "batch_stats"}`` with random values (tests/random_params.py's for parameters;
-    BatchNorm running means around 0 with spread, running variances in [0.5, 2])."""
-    shapes = jax.eval_shape(
-        model.init,
-        jax.random.key(0),
-        jnp.zeros((1, image_size, image_size, 3)),
-        jnp.zeros((1, model.text_encoder.context_length), jnp.int32),
-    )
-    rng = np.random.default_rng(seed)
-
-    def parameter(path, leaf):
-        return random_value(tuple(entry.key for entry in path), leaf.shape, rng)
-
-    def statistic(path, leaf):
-        if path[-1].key == "mean":
-            return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-
-    return {
-        "params": jax.tree_util.tree_map_with_path(parameter, shapes["params"]),
-        "batch_stats": jax.tree_util.tree_map_with_path(statistic, shapes["batch_stats"]),
-    }
+    images = jnp.zeros((1, image_size, image_size, 3))
+    tokens = jnp.zeros((1, model.text_encoder.context_length), jnp.int32)
+    return random_module_variables(model, images, tokens, seed=seed)
 
 
 def make_inputs(batch: int, seed: int) -> dict:
@@ -301,15 +275,11 @@ def export_and_compare(tmp_path, variant: str, seed: int) -> str:
     model = build_model(variant)
     variables = random_variables(model, seed=seed)
     inputs = make_inputs(2, seed=seed + 1)
-    np.savez(tmp_path / "inputs.npz", **inputs)
     export.save_open_clip(tmp_path / "export", variables, config_for(model))
     ours = jax_outputs(variant, variables, inputs)
     name = MODEL_NAMES[variant]
-    run_torch_script(
-        "check_open_clip.py", "load-export", tmp_path, "--registered", name, timeout=600
-    )
-    report = json.loads((tmp_path / "report.json").read_text())
-    theirs = dict(np.load(tmp_path / "torch_outputs.npz"))
+    arguments = ("check_open_clip.py", "load-export", tmp_path, "--registered", name)
+    report, theirs = run_parity_case(tmp_path, *arguments, inputs=inputs, timeout=600)
     exported = export.load_open_clip_weights(tmp_path / "export" / "open_clip_model.safetensors")
     assert report["model_class"] == report["registered"]["model_class"] == "CustomTextCLIP"
     assert report["registered"]["model_cfg"] == open_clip_mobileclip_config(variant)
@@ -329,19 +299,17 @@ def export_and_compare(tmp_path, variant: str, seed: int) -> str:
 
 
 @pytest.mark.torch
-def test_open_clip_mobileclip_s1_loads_the_export_and_matches(tmp_path):
+@pytest.mark.parametrize(
+    ("variant", "seed"),
+    [
+        pytest.param("mci1", 4, id="MobileCLIP-S1"),
+        pytest.param("mci2", 6, id="MobileCLIP-S2", marks=pytest.mark.slow),
+    ],
+)
+def test_open_clip_mobileclip_loads_the_export_and_matches(tmp_path, variant, seed):
     require_torch_env()
     started = time.perf_counter()
-    summary = export_and_compare(tmp_path, "mci1", seed=4)
-    print(f"{summary}; {time.perf_counter() - started:.1f} s")
-
-
-@pytest.mark.torch
-@pytest.mark.slow
-def test_open_clip_mobileclip_s2_loads_the_export_and_matches(tmp_path):
-    require_torch_env()
-    started = time.perf_counter()
-    summary = export_and_compare(tmp_path, "mci2", seed=6)
+    summary = export_and_compare(tmp_path, variant, seed=seed)
     print(f"{summary}; {time.perf_counter() - started:.1f} s")
 
 
@@ -351,10 +319,8 @@ def test_open_clip_mobileclip_s1_weights_import_into_jax_and_match(tmp_path):
     require_torch_env()
     started = time.perf_counter()
     inputs = make_inputs(2, seed=8)
-    np.savez(tmp_path / "inputs.npz", **inputs)
-    run_torch_script(
-        "check_open_clip.py", "make-reference", tmp_path, MODEL_NAMES["mci1"], timeout=600
-    )
+    arguments = ("check_open_clip.py", "make-reference", tmp_path, MODEL_NAMES["mci1"])
+    _, theirs = run_parity_case(tmp_path, *arguments, inputs=inputs, timeout=600)
     config, variables = export.load_open_clip_variables(tmp_path / "reference")
     kwargs = export.jax_model_kwargs(config)
     assert MobileClipImageTower(**kwargs["image_encoder"]) == build_model("mci1").image_encoder
@@ -362,7 +328,6 @@ def test_open_clip_mobileclip_s1_weights_import_into_jax_and_match(tmp_path):
     running_var = variables["batch_stats"]["image_encoder"]["stages_2"]["blocks_0"]["mlp"]
     running_var = running_var["conv"]["bn"]["var"]
     assert np.abs(running_var - 1).max() > 0.1
-    theirs = np.load(tmp_path / "torch_outputs.npz")
     ours = jax_outputs("mci1", variables, inputs)
     summary = assert_embeddings_close(ours, theirs, "open_clip MobileCLIP-S1 vs JAX import")
     print(f"MobileCLIP-S1 import parity: {summary}; {time.perf_counter() - started:.1f} s")

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_export_open_clip import random_inputs
-from torch_env import require_torch_env, run_torch_script
+from test_export_open_clip import EMBEDDINGS, OPEN_CLIP_TEXT_CFG, random_inputs
+from torch_env import assert_outputs_close, require_torch_env, run_parity_case
 
 from models.resnet import ModifiedResNet
 from models.text import TextTransformer
 from models.two_tower import TwoTowerModel
 from pretrain.export import open_clip as export
-from pretrain.export import open_clip_resnet
+from pretrain.export.open_clip import resnet
 
 TOLERANCE = 1e-4
 # open_clip.create_model("RN50") (open_clip 3.3.0, torch env): state_dict keys, parameters (the
@@ -69,7 +69,9 @@ def config_for(model: TwoTowerModel, spec: dict) -> dict:
 
 def random_variables(model: TwoTowerModel, spec: dict, seed: int = 0) -> dict:
     """``{"params", "batch_stats"}`` with random, non-trivial values at roughly the init's scale:
-    BatchNorm scales off 1, running means off 0, running variances in [0.5, 2]."""
+    BatchNorm scales off 1, running means off 0, running variances in [0.5, 2]. Spread wider than
+    random_params.random_variables': through a deep random ResNet and an attention pool, less
+    spread leaves the images' embeddings too alike for the sanity checks below."""
     size = spec["image_size"]
     context = model.text_encoder.context_length
     shapes = jax.eval_shape(
@@ -235,15 +237,7 @@ def test_rn50_config_keys_and_parameter_count_match_open_clip():
             "head_width": 64,
             "patch_size": None,
         },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 512,
-            "heads": 8,
-            "layers": 12,
-            "mlp_ratio": 4.0,
-            "no_causal_mask": False,
-        },
+        "text_cfg": {**OPEN_CLIP_TEXT_CFG, "mlp_ratio": 4.0, "no_causal_mask": False},
     }
     kwargs = export.jax_model_kwargs(config)
     assert kwargs["image_encoder"] == RN50["image_encoder"]
@@ -326,7 +320,7 @@ def test_output_dim_none_exports_with_the_feature_width_as_embedding():
     text = {**TINY["text_encoder"], "output_dim": 192}
     config = export.open_clip_model_config(image, text, image_size=64)
     assert config["embed_dim"] == 192  # 32 * width
-    assert open_clip_resnet.is_resnet_vision_cfg(config["vision_cfg"])
+    assert resnet.is_vision_cfg(config["vision_cfg"])
 
 
 def test_exported_state_dict_runs_like_open_clip_in_numpy():
@@ -369,14 +363,10 @@ def test_save_and_load_an_export_directory(tmp_path):
 
 
 def assert_embeddings_close(ours: dict, theirs, what: str) -> str:
-    summary = []
-    for name in ("image_embeds", "text_embeds"):
-        difference = np.abs(ours[name] - theirs[name]).max()
-        assert difference < TOLERANCE, f"{what}: {name} differ by {difference:.2e}"
-        summary.append(f"{name} max |diff| {difference:.1e}")
+    summary = assert_outputs_close(ours, theirs, EMBEDDINGS, tolerance=TOLERANCE, what=what)
     # Sanity: the two images' embeddings differ, so a misplaced weight would show.
     assert np.abs(theirs["image_embeds"][0] - theirs["image_embeds"][1]).max() > 1e-3
-    return ", ".join(summary)
+    return summary
 
 
 @pytest.mark.torch
@@ -387,13 +377,11 @@ def test_open_clip_rn50_loads_the_export_and_matches(tmp_path):
     variables = random_variables(model, RN50, seed=5)
     config = config_for(model, RN50)
     inputs = make_inputs(RN50, 2, seed=6)
-    np.savez(tmp_path / "inputs.npz", **inputs)
     export.save_open_clip(tmp_path / "export", variables, config, "exported-rn50")
     ours = jax_outputs(model, variables, inputs)
-    run_torch_script("check_open_clip.py", "load-export", tmp_path, "exported-rn50", timeout=600)
+    arguments = ("check_open_clip.py", "load-export", tmp_path, "exported-rn50")
+    report, theirs = run_parity_case(tmp_path, *arguments, inputs=inputs, timeout=600)
 
-    report = json.loads((tmp_path / "report.json").read_text())
-    theirs = np.load(tmp_path / "torch_outputs.npz")
     exported = export.load_open_clip_weights(tmp_path / "export" / "open_clip_model.safetensors")
     assert report["model_class"] == "CLIP"
     assert report["exported_keys"] == report["model_keys"] == sorted(exported)
@@ -411,8 +399,8 @@ def test_open_clip_rn50_weights_import_into_jax_and_match(tmp_path):
     require_torch_env()
     started = time.perf_counter()
     inputs = make_inputs(RN50, 2, seed=7)
-    np.savez(tmp_path / "inputs.npz", **inputs)
-    run_torch_script("check_open_clip.py", "make-reference", tmp_path, "RN50", timeout=600)
+    arguments = ("check_open_clip.py", "make-reference", tmp_path, "RN50")
+    _, theirs = run_parity_case(tmp_path, *arguments, inputs=inputs, timeout=600)
 
     config, variables = export.load_open_clip_variables(tmp_path / "reference")
     kwargs = export.jax_model_kwargs(config)
@@ -423,7 +411,6 @@ def test_open_clip_rn50_weights_import_into_jax_and_match(tmp_path):
     # The reference's running statistics are calibrated on the inputs, not the init's 0 and 1.
     running_var = variables["batch_stats"]["image_encoder"]["layer3_0"]["bn2"]["var"]
     assert np.abs(running_var - 1).max() > 0.1
-    theirs = np.load(tmp_path / "torch_outputs.npz")
     ours = jax_outputs(model, variables, inputs)
     summary = assert_embeddings_close(ours, theirs, "open_clip RN50 vs JAX import")
     print(f"RN50 import parity: {summary}; {time.perf_counter() - started:.1f} s")

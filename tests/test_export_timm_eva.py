@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from random_params import random_params
 from test_eva_vit import TIMM_PARAMETER_COUNTS
-from torch_env import require_torch_env, run_torch_script
+from torch_env import assert_outputs_close, require_torch_env, run_parity_case, run_torch_script
 
 from models.vit import VisionTransformer, eva02_variant
 from pretrain.export import timm_eva as export
@@ -252,14 +252,11 @@ def test_save_and_load_an_export_directory(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def assert_outputs_close(ours: dict, theirs, what: str) -> str:
-    summary = []
-    for name in ("features", "pooled"):
-        assert ours[name].shape == theirs[name].shape, (name, ours[name].shape)
-        difference = np.abs(ours[name] - theirs[name]).max()
-        assert difference < TOLERANCE, f"{what}: {name} differ by {difference:.2e}"
-        summary.append(f"{name} max |diff| {difference:.1e}")
-    return ", ".join(summary)
+VIT_OUTPUTS = ("features", "pooled")
+
+
+def assert_vit_outputs_close(ours: dict, theirs, what: str) -> str:
+    return assert_outputs_close(ours, theirs, VIT_OUTPUTS, tolerance=TOLERANCE, what=what)
 
 
 @pytest.mark.torch
@@ -277,13 +274,10 @@ def test_timm_loads_the_export_and_matches(tmp_path, spec, batch, request):
     model = build(spec)
     params = spec_params(spec, seed=5)
     images = random_images(batch, spec["image_size"], seed=6)
-    np.savez(tmp_path / "inputs.npz", images=images)
     export.save_timm(tmp_path / "export", params, model, image_size=spec["image_size"])
     ours = jax_outputs(model, params, images)
-    run_torch_script("check_timm_eva.py", "load-export", tmp_path, timeout=600)
-
-    report = json.loads((tmp_path / "report.json").read_text())
-    theirs = np.load(tmp_path / "torch_outputs.npz")
+    arguments = ("check_timm_eva.py", "load-export", tmp_path)
+    report, theirs = run_parity_case(tmp_path, *arguments, inputs={"images": images}, timeout=600)
     exported = export.to_timm_state_dict(params)
     assert report["model_class"] == "Eva"
     assert report["exported_keys"] == report["model_keys"] == sorted(exported)
@@ -291,7 +285,7 @@ def test_timm_loads_the_export_and_matches(tmp_path, spec, batch, request):
     assert report["num_parameters"] == sum(value.size for value in exported.values())
     assert report["rope"] == spec["vit"]["rope"]
     assert report["local_dir_matches"] and report["local_dir_max_diff"] == 0
-    summary = assert_outputs_close(ours, theirs, "JAX vs timm")
+    summary = assert_vit_outputs_close(ours, theirs, "JAX vs timm")
     elapsed = time.perf_counter() - started
     print(f"timm export parity {request.node.callspec.id}: {summary}; {elapsed:.1f} s")
 
@@ -307,15 +301,13 @@ def test_timm_weights_import_into_jax_and_match(tmp_path, spec, request):
     }
     (tmp_path / "spec.json").write_text(json.dumps(reference_spec))
     images = random_images(2, spec["image_size"], seed=7)
-    np.savez(tmp_path / "inputs.npz", images=images)
-    run_torch_script(
-        "check_timm_eva.py", "make-reference", tmp_path, tmp_path / "spec.json", timeout=600
-    )
+    arguments = ("check_timm_eva.py", "make-reference", tmp_path, tmp_path / "spec.json")
+    _, theirs = run_parity_case(tmp_path, *arguments, inputs={"images": images}, timeout=600)
     model_args, params = export.load_timm(tmp_path / "reference")
     kwargs = export.vit_kwargs_from_timm(model_args)
     assert kwargs.pop("image_size") == spec["image_size"]
     ours = jax_outputs(VisionTransformer(**kwargs), params, images)
-    summary = assert_outputs_close(ours, np.load(tmp_path / "torch_outputs.npz"), "timm import")
+    summary = assert_vit_outputs_close(ours, theirs, "timm import")
     elapsed = time.perf_counter() - started
     print(f"timm import parity {request.node.callspec.id}: {summary}; {elapsed:.1f} s")
 

@@ -28,11 +28,14 @@ from test_mobileclip import (
     random_variables,
     variable_shapes,
 )
-from torch_env import require_torch_env, run_torch_script
+from torch_env import assert_outputs_close, require_torch_env, run_torch_script
+from torch_side.parity_files import read_inputs, read_results, write_inputs
 
 from models.mobileclip import MobileClipImageTower
 from models.mobileclip_reparam import reparameterize
+from pretrain.export import fastvit_layout
 from pretrain.export import timm_fastvit as export
+from pretrain.export.tree_io import flatten
 
 TOLERANCE = 1e-4
 OUTPUT_NAMES = ("features", "pre_logits", "embedding", "stage_0", "stage_1", "stage_2", "stage_3")
@@ -86,6 +89,19 @@ def test_round_trip_is_exact(reparameterized):
     ]
     assert sum(value.size for value in weights) == count(variables["params"])
     assert any("reparam_conv" in key for key in state) == reparameterized
+
+
+@pytest.mark.parametrize("reparameterized", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_layout_from_fields_holds_the_towers_variables(name, reparameterized):
+    """The layout computed from the tower's fields names exactly the variables Flax creates."""
+    tower = CASES[name].clone(reparameterized=reparameterized)
+    fields = fastvit_layout.mci_fields(tower)
+    layout = fastvit_layout.jax_variable_shapes(
+        fastvit_layout.fastvit_leaves(fields), fields["head_dim"]
+    )
+    flax = {key: tuple(leaf.shape) for key, leaf in flatten(variable_shapes(tower)).items()}
+    assert layout == flax
 
 
 def test_mci0_keys_and_shapes_are_timms():
@@ -223,14 +239,16 @@ def test_export_directory_round_trip(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def max_differences(ours: dict, theirs, prefix: str = "") -> dict[str, float]:
-    differences = {}
-    for name in OUTPUT_NAMES:
-        if name not in ours:
-            continue
-        assert ours[name].shape == theirs[prefix + name].shape, name
-        differences[name] = float(np.abs(ours[name] - theirs[prefix + name]).max())
-    return differences
+def assert_tower_outputs_close(ours: dict, theirs, what: str, prefix: str = "") -> str:
+    """Every output the JAX tower has (stages, features, pooled, embedding) against timm's
+    ``prefix + name``."""
+    theirs = {
+        name.removeprefix(prefix): value
+        for name, value in theirs.items()
+        if name.startswith(prefix)
+    }
+    names = [name for name in OUTPUT_NAMES if name in ours]
+    return assert_outputs_close(ours, theirs, names, tolerance=TOLERANCE, what=what)
 
 
 IMPORT_TOWER = MobileClipImageTower(**SMALL, output_dim=24)
@@ -256,7 +274,7 @@ def torch_results(tmp_path_factory):
             image_size=IMAGE_SIZE,
             num_batches_tracked=NUM_BATCHES_TRACKED,
         )
-        np.savez(case_dir / "inputs.npz", images=images)
+        write_inputs(case_dir, {"images": images})
         inference_variables, inference_tower = reparameterize(variables, tower)
         cases[name] = {
             "dir": case_dir,
@@ -275,7 +293,7 @@ def torch_results(tmp_path_factory):
         "model_args": export.timm_model_args(IMPORT_TOWER),
     }
     (import_dir / "spec.json").write_text(json.dumps(spec))
-    np.savez(import_dir / "inputs.npz", images=random_images(2, seed=40))
+    write_inputs(import_dir, {"images": random_images(2, seed=40)})
     run_torch_script(
         "check_timm_fastvit.py",
         "load-export",
@@ -295,8 +313,7 @@ def torch_results(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_timm_loads_the_export_and_matches(torch_results, name):
     case = torch_results["cases"][name]
-    report = json.loads((case["dir"] / "report.json").read_text())
-    theirs = np.load(case["dir"] / "torch_outputs.npz")
+    report, theirs = read_results(case["dir"])
     assert report["model_class"] == "FastVit"
     assert report["exported_keys"] == report["model_keys"]
     assert report["num_parameters"] == case["params"]
@@ -304,9 +321,8 @@ def test_timm_loads_the_export_and_matches(torch_results, name):
     assert report["batch_norm_eps"] == [1e-5] and report["batch_norm_momentum"] == [0.1]
     assert report["counter_dtypes"] == ["torch.int64"]
     assert report["counter_values"] == [NUM_BATCHES_TRACKED]
-    differences = max_differences(case["ours"], theirs)
-    assert max(differences.values()) < TOLERANCE, differences
-    print(f"timm fastvit export parity {name}: max |diff| {differences}")
+    summary = assert_tower_outputs_close(case["ours"], theirs, f"timm fastvit export {name}")
+    print(f"timm fastvit export parity {name}: {summary}")
 
 
 @pytest.mark.torch
@@ -315,7 +331,7 @@ def test_timm_reparameterization_matches_ours(torch_results, name):
     """timm's reparameterize_model of the loaded export equals our reparameterize(): same keys
     (timm's inference layout), same folded weights, same outputs."""
     case = torch_results["cases"][name]
-    report = json.loads((case["dir"] / "report.json").read_text())
+    report, theirs = read_results(case["dir"])
     assert report["reparam_num_parameters"] == case["reparam_params"]
     theirs_state = safetensors.numpy.load_file(str(case["dir"] / "reparam_state.safetensors"))
     ours_state = case["reparam_state"]
@@ -326,10 +342,9 @@ def test_timm_reparameterization_matches_ours(torch_results, name):
         difference = float(np.abs(value - theirs_state[key]).max())
         assert difference <= 1e-5 * scale, (key, difference)
         worst = max(worst, difference)
-    theirs = np.load(case["dir"] / "torch_outputs.npz")
-    differences = max_differences(case["ours_reparam"], theirs, prefix="reparam_")
-    assert max(differences.values()) < TOLERANCE, differences
-    print(f"timm fastvit reparameterized parity {name}: weights {worst:.1e}, outputs {differences}")
+    what = f"timm fastvit reparameterized {name}"
+    summary = assert_tower_outputs_close(case["ours_reparam"], theirs, what, prefix="reparam_")
+    print(f"timm fastvit reparameterized parity {name}: weights {worst:.1e}, outputs {summary}")
 
 
 @pytest.mark.torch
@@ -337,12 +352,11 @@ def test_timm_weights_import_into_jax_and_match(torch_results):
     import_dir = torch_results["import_dir"]
     variables, loaded_tower = export.load_timm_fastvit(import_dir / "reference")
     assert loaded_tower == IMPORT_TOWER
-    images = np.load(import_dir / "inputs.npz")["images"]
-    differences = max_differences(
-        jax_outputs(IMPORT_TOWER, variables, images), np.load(import_dir / "torch_outputs.npz")
-    )
-    assert max(differences.values()) < TOLERANCE, differences
-    print(f"timm fastvit import parity: max |diff| {differences}")
+    images = read_inputs(import_dir)["images"]
+    _, theirs = read_results(import_dir)
+    ours = jax_outputs(IMPORT_TOWER, variables, images)
+    summary = assert_tower_outputs_close(ours, theirs, "timm fastvit import")
+    print(f"timm fastvit import parity: {summary}")
 
 
 @pytest.mark.torch

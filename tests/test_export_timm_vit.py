@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from random_params import random_params
+from test_export_timm_eva import assert_vit_outputs_close
 from torch_env import require_torch_env, run_torch_script
+from torch_side.parity_files import read_inputs, read_results, write_inputs
 
 from models.vit import VisionTransformer, eva02_variant
 from pretrain.export import timm_vit as export
@@ -296,16 +298,6 @@ def test_save_and_load_an_export_directory(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def assert_outputs_close(ours: dict, theirs, what: str) -> str:
-    summary = []
-    for name in ("features", "pooled"):
-        assert ours[name].shape == theirs[name].shape, (name, ours[name].shape)
-        difference = float(np.abs(ours[name] - theirs[name]).max())
-        assert difference < TOLERANCE, f"{what}: {name} differ by {difference:.2e}"
-        summary.append(f"{name} max |diff| {difference:.1e}")
-    return ", ".join(summary)
-
-
 @pytest.fixture(scope="module")
 def exported_cases(tmp_path_factory):
     """Every case exported and run through timm in one torch process: {name: (dir, ours)}."""
@@ -320,7 +312,7 @@ def exported_cases(tmp_path_factory):
         export.save_timm_vit(
             case_dir / "export", params, model, image_size=spec["image_size"], head=head
         )
-        np.savez(case_dir / "inputs.npz", images=images)
+        write_inputs(case_dir, {"images": images})
         ours = jax_outputs(model, params, head, images)
         cases[name] = (case_dir, ours, timm_parameter_count(spec["vit"], params, head))
     run_torch_script("check_timm_vit.py", "load-export", *(d for d, _, _ in cases.values()))
@@ -332,8 +324,7 @@ def exported_cases(tmp_path_factory):
 def test_timm_loads_the_export_and_matches(exported_cases, name):
     spec = CASES[name]
     case_dir, ours, jax_count = exported_cases[name]
-    report = json.loads((case_dir / "report.json").read_text())
-    theirs = np.load(case_dir / "torch_outputs.npz")
+    report, theirs = read_results(case_dir)
     assert report["model_class"] == "VisionTransformer"
     assert report["exported_keys"] == report["model_keys"]
     assert report["num_parameters"] == jax_count
@@ -342,7 +333,7 @@ def test_timm_loads_the_export_and_matches(exported_cases, name):
     assert report["norm_eps"] == report["block_norm_eps"] == eps
     quick = spec["vit"].get("activation") == "quick_gelu"
     assert report["activation"] == ("QuickGELU" if quick else "GELU")
-    summary = assert_outputs_close(ours, theirs, "JAX vs timm")
+    summary = assert_vit_outputs_close(ours, theirs, "JAX vs timm")
     print(f"timm vit export parity {name}: {summary}")
 
 
@@ -368,16 +359,16 @@ def test_timm_weights_import_into_jax_and_match(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "spec.json").write_text(json.dumps(reference))
         images = random_images(2, spec["image_size"], seed=11 + index)
-        np.savez(tmp_path / name / "inputs.npz", images=images)
+        write_inputs(tmp_path / name, {"images": images})
     run_torch_script("check_timm_vit.py", "make-reference", *(tmp_path / n for n in specs))
     for name, (spec, _) in specs.items():
         model = build(spec)
         params, head = export.load_timm_vit(tmp_path / name / "reference", model)
         assert (head is None) == (spec["head"] is None)
-        images = np.load(tmp_path / name / "inputs.npz")["images"]
+        images = read_inputs(tmp_path / name)["images"]
         ours = jax_outputs(model, params, head, images)
-        theirs = np.load(tmp_path / name / "torch_outputs.npz")
-        summary = assert_outputs_close(ours, theirs, f"timm import {name}")
+        _, theirs = read_results(tmp_path / name)
+        summary = assert_vit_outputs_close(ours, theirs, f"timm import {name}")
         print(f"timm vit import parity {name}: {summary}")
     print(f"import parity: {time.perf_counter() - started:.1f} s")
 

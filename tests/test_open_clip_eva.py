@@ -22,15 +22,23 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 from random_params import random_params as random_module_params
-from test_export_open_clip import TOLERANCE, jax_outputs, random_inputs, random_params
-from torch_env import require_torch_env, run_torch_script
+from test_export_open_clip import (
+    TOLERANCE,
+    assert_embeddings_close,
+    jax_outputs,
+    random_inputs,
+    random_params,
+)
+from test_export_timm_eva import SMALL_EVA
+from torch_env import require_torch_env, run_parity_case, run_torch_script
 
 from models.text import TextTransformer
 from models.two_tower import TwoTowerModel
 from models.vit import VisionTransformer, eva02_variant
 from pretrain.components.teachers import build_teacher
 from pretrain.export import open_clip as export
-from pretrain.export import timm_eva, timm_trunks
+from pretrain.export import timm_eva, timm_hub
+from pretrain.export.open_clip import timm_trunks
 from pretrain.export.open_clip_configs import OPEN_CLIP_MODEL_CONFIGS
 
 TEXT = {
@@ -41,22 +49,10 @@ TEXT = {
     "context_length": 10,
     "output_dim": 24,
 }
-# EVA02-CLIP-like: SwiGLU + sub-LN, q/v biases, the attention's inner LN, RoPE on a 4 x 4 grid
-# scaled to a reference grid of 5, separate q/k/v (timm's eva02 layout).
-EVA02_LIKE = {
-    "vit": {
-        **eva02_variant("eva02_tiny/8"),
-        "width": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "mlp_dim": int(32 * 4 * 2 / 3),
-        "rope_ref_grid": 5,
-        "output_dim": 24,
-        "proj_bias": True,
-    },
-    "image_size": 32,
-    "qkv_fused": False,
-}
+# EVA02-CLIP-like: test_export_timm_eva's small EVA-02 ViT (SwiGLU + sub-LN, q/v biases, the
+# attention's inner LN, RoPE on a 4 x 4 grid scaled to a reference grid of 5) with a biased
+# projection, separate q/k/v (timm's eva02 layout).
+EVA02_LIKE = {"vit": {**SMALL_EVA["vit"], "proj_bias": True}, "image_size": 32, "qkv_fused": False}
 # EVA01-CLIP-like: GELU MLP, q/v biases in timm's fused qkv layout, no RoPE, no inner LN.
 EVA01_LIKE = {
     "vit": {
@@ -82,7 +78,7 @@ def write_trunk(directory: Path, spec: dict, architecture: str | None = None) ->
     if architecture is not None:
         config["architecture"] = architecture
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / timm_eva.CONFIG_FILE_NAME).write_text(json.dumps(config))
+    (directory / timm_hub.CONFIG_FILE_NAME).write_text(json.dumps(config))
     return f"local-dir:{directory}"
 
 
@@ -205,7 +201,7 @@ def test_fused_and_separate_qkv_layouts_convert_both_ways():
         "blocks.0.attn.v_proj.bias": rng.standard_normal(6),
         "norm.weight": rng.standard_normal(6),
     }
-    fused = timm_trunks.fuse_qkv(separate)
+    fused = timm_eva.fuse_qkv(separate)
     assert sorted(fused) == [
         "blocks.0.attn.q_bias",
         "blocks.0.attn.qkv.weight",
@@ -215,7 +211,7 @@ def test_fused_and_separate_qkv_layouts_convert_both_ways():
     np.testing.assert_array_equal(
         fused["blocks.0.attn.qkv.weight"][6:12], separate["blocks.0.attn.k_proj.weight"]
     )
-    back = timm_trunks.split_qkv(fused)
+    back = timm_eva.split_qkv(fused)
     assert back.keys() == separate.keys()
     for key, value in separate.items():
         np.testing.assert_array_equal(back[key], value)
@@ -400,34 +396,29 @@ def test_open_clip_eva_weights_import_through_the_teacher(tmp_path, spec, timm_p
     (tmp_path / "model.json").write_text(json.dumps(config))
     size = spec["image_size"]
     inputs = random_inputs(2, (size, size), TEXT["context_length"], seed=8)
-    np.savez(tmp_path / "inputs.npz", **inputs)
-    run_torch_script("check_open_clip.py", "make-reference", tmp_path, tmp_path / "model.json")
-    report = json.loads((tmp_path / "report.json").read_text())
+    arguments = ("check_open_clip.py", "make-reference", tmp_path, tmp_path / "model.json")
+    report, theirs = run_parity_case(tmp_path, *arguments, inputs=inputs)
     assert report["model_class"] == "CustomTextCLIP"
 
     teacher = build_teacher(teacher_config(tmp_path / "reference"))
     params = teacher.load()
     assert params["image_encoder"]["proj_bias"].shape == (config["embed_dim"],)
     ours = jax_outputs(teacher.model, params, inputs)
-    theirs = np.load(tmp_path / "torch_outputs.npz")
-    differences = {}
-    for name in ("image_embeds", "text_embeds"):
-        differences[name] = float(np.abs(ours[name] - theirs[name]).max())
+    summary = assert_embeddings_close(ours, theirs, "open_clip EVA vs teacher import")
     # UTA's targets: every token after the final LN and the (biased) projection.
     _, intermediates = jax.jit(
         lambda p, x: teacher.model.apply({"params": p}, x, method=teacher.model.encode_image)
     )(params, inputs["images"])
     projected = np.asarray(intermediates["projected_tokens"])
     scale = max(1.0, float(np.abs(theirs["projected_tokens"]).max()))
-    differences["projected_tokens"] = float(np.abs(projected - theirs["projected_tokens"]).max())
-    assert differences["image_embeds"] < TOLERANCE, differences
-    assert differences["text_embeds"] < TOLERANCE, differences
-    assert differences["projected_tokens"] < TOLERANCE * scale, differences
+    difference = float(np.abs(projected - theirs["projected_tokens"]).max())
+    assert difference < TOLERANCE * scale, difference
     # The bias matters: without it the tokens would differ (so the test can fail).
     bias = np.asarray(params["image_encoder"]["proj_bias"])
     assert np.abs(bias).max() > 10 * TOLERANCE * scale
     elapsed = time.perf_counter() - started
-    print(f"EVA import parity {spec['qkv_fused']=}: {differences}; {elapsed:.1f} s")
+    summary += f", projected_tokens max |diff| {difference:.1e}"
+    print(f"EVA import parity {spec['qkv_fused']=}: {summary}; {elapsed:.1f} s")
 
 
 @pytest.mark.torch
@@ -439,13 +430,10 @@ def test_open_clip_loads_an_exported_eva_clip(tmp_path):
     params = random_params(model, spec_for(model, spec["image_size"]), seed=4)
     size = spec["image_size"]
     inputs = random_inputs(3, (size, size), TEXT["context_length"], seed=5)
-    np.savez(tmp_path / "inputs.npz", **inputs)
     export.save_open_clip(tmp_path / "export", params, config, "tiny-eva-clip")
-    run_torch_script("check_open_clip.py", "load-export", tmp_path, "tiny-eva-clip")
-    report = json.loads((tmp_path / "report.json").read_text())
+    arguments = ("check_open_clip.py", "load-export", tmp_path, "tiny-eva-clip")
+    report, theirs = run_parity_case(tmp_path, *arguments, inputs=inputs)
     assert report["model_class"] == "CustomTextCLIP"
     assert report["exported_keys"] == report["model_keys"]
     assert report["named_model_matches"]
-    ours, theirs = jax_outputs(model, params, inputs), np.load(tmp_path / "torch_outputs.npz")
-    for name in ("image_embeds", "text_embeds"):
-        assert np.abs(ours[name] - theirs[name]).max() < TOLERANCE, name
+    assert_embeddings_close(jax_outputs(model, params, inputs), theirs, "JAX EVA-CLIP vs open_clip")

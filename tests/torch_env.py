@@ -5,14 +5,16 @@ parity test writes its inputs to files, runs a script from ``tests/torch_side/``
 environment's interpreter, and reads the script's outputs back. Those scripts import only torch-env
 packages and numpy, never this project's JAX code.
 
-Usage in a test::
+Usage in a test (the files of a case directory are torch_side/parity_files.py's)::
 
-    from torch_env import require_torch_env, run_torch_script
+    from torch_env import assert_outputs_close, require_torch_env, run_parity_case
 
     @pytest.mark.torch
     def test_matches_open_clip(tmp_path):
         require_torch_env()  # skips with the reason when the environment is missing or broken
-        run_torch_script("some_script.py", tmp_path / "in.npy", tmp_path / "out.npy")
+        report, theirs = run_parity_case(tmp_path, "some_script.py", "load-export", tmp_path,
+                                         inputs={"images": images})
+        assert_outputs_close(ours, theirs, ("features",), tolerance=1e-4, what="JAX vs timm")
 
 The environment probe (importing torch, open_clip and timm: a few seconds) runs on the first
 ``require_torch_env()`` call of a session, not at collection, so ``-m "not torch"`` runs skip it.
@@ -23,9 +25,13 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from torch_side.parity_files import read_results, write_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TORCH_SIDE_DIR = Path(__file__).resolve().parent / "torch_side"
@@ -136,3 +142,39 @@ def _text(output: str | bytes | None) -> str:
     if output is None:
         return ""
     return output.decode(errors="replace") if isinstance(output, bytes) else output
+
+
+def run_parity_case(
+    case_dir: Path,
+    script: str | Path,
+    *args: str | Path,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
+    """The parity flow for one case directory: write ``inputs`` (``inputs.npz``), run the
+    torch-side ``script`` with ``args``, and read back its ``(report, outputs)``. For a script
+    run over several case directories at once, write each one's inputs with ``write_inputs`` and
+    read each one's results with ``read_results`` (torch_side/parity_files.py)."""
+    if inputs is not None:
+        write_inputs(case_dir, inputs)
+    run_torch_script(script, *args, timeout=timeout)
+    return read_results(case_dir)
+
+
+def assert_outputs_close(
+    ours: Mapping[str, np.ndarray],
+    theirs: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    *,
+    tolerance: float,
+    what: str,
+) -> str:
+    """Assert that each named output has the same shape on both sides and differs by less than
+    ``tolerance`` anywhere; returns a summary of the differences for the test's log."""
+    summary = []
+    for name in names:
+        assert ours[name].shape == theirs[name].shape, (what, name, ours[name].shape)
+        difference = float(np.abs(ours[name] - theirs[name]).max())
+        assert difference < tolerance, f"{what}: {name} differ by {difference:.2e}"
+        summary.append(f"{name} max |diff| {difference:.1e}")
+    return ", ".join(summary)

@@ -3,7 +3,7 @@
 Copied from open_clip's ``model_configs/<name>.json`` (open_clip 3.x); the names are open_clip's.
 OpenAI's pretrained ViT-L/14 weights need the "-quickgelu" config (open_clip's ``ViT-L-14`` with
 ``pretrained="openai"`` forces QuickGELU); "EVA01-g-14" is UTA's teacher (EVA01-CLIP-g/14), whose
-image tower is timm's ``eva_giant_patch14_224`` (see pretrain/export/timm_trunks.py).
+image tower is timm's ``eva_giant_patch14_224`` (pretrain/export/open_clip/timm_trunks.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Shared plumbing of the exporters: flat parameter paths, checked hand-out of entries, reading
-model fields, Linear / LayerNorm conversions, atomic file writes and timm's Hub directory layout.
-(The layouts themselves live in open_clip.py, timm_eva.py and timm_vit.py.)"""
+"""Parameter trees as the exporters read and write them: flat ``a/b/c`` paths, entries handed out
+once each, model fields read from a module or a mapping, the layout conversions every format
+shares (Dense / Linear, LayerNorm, convolutions, attention heads) and atomic file writes."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,7 @@ import numpy as np
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# timm's Hub / ``local-dir:`` layout: the weights and the config (architecture + model_args).
-TIMM_WEIGHTS_FILE_NAME = "model.safetensors"
-TIMM_CONFIG_FILE_NAME = "config.json"
-
 StateDict = dict[str, np.ndarray]
-# Expected PyTorch state-dict entries: key -> shape.
-Shapes = dict[str, tuple[int, ...]]
-# PyTorch BatchNorm's buffer counting its updates (timm's and open_clip's state dicts carry it).
-BATCH_NORM_COUNTER = "num_batches_tracked"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,7 +30,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     """{"a/b": x} -> {"a": {"b": x}}."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
@@ -50,12 +42,17 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return tree
 
 
+def contiguous_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested tree of flat entries, each a C-contiguous array (transposes leave views)."""
+    return unflatten({key: np.ascontiguousarray(value) for key, value in flat.items()})
+
+
 def unwrap_variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
     """Accept ``variables`` ({"params": ...}) as well as the bare ``params`` tree."""
     return params["params"] if set(params) == {"params"} else params
 
 
-def block_count(keys: list[str] | Any, pattern: str, what: str) -> int:
+def block_count(keys: Sequence[str] | Any, pattern: str, what: str) -> int:
     """Number of blocks whose index ``pattern`` captures, checking they run 0..n-1."""
     found = sorted({int(m.group(1)) for key in keys if (m := re.match(pattern, key))})
     if found != list(range(len(found))):
@@ -77,6 +74,10 @@ class Entries:
             raise KeyError(f"{self._what} has no {key!r}")
         return self._convert(self._remaining.pop(key))
 
+    def take_under(self, prefix: str) -> dict[str, np.ndarray]:
+        """Every entry under ``prefix``, keyed without it."""
+        return {key.removeprefix(prefix): self.take(key) for key in self.keys_under(prefix)}
+
     def has(self, key: str) -> bool:
         return key in self._remaining
 
@@ -91,11 +92,9 @@ class Entries:
             raise ValueError(f"{self._what} entries with no mapping: {sorted(self._remaining)}")
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name, so that an interrupted export never looks complete."""
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    temporary.replace(path)
+def as_arrays(dtype: Any) -> Callable[[Any], np.ndarray]:
+    """The conversion of :class:`Entries` values to NumPy arrays of ``dtype``."""
+    return lambda value: np.asarray(value, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,64 +118,35 @@ def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def size_value(value: int | tuple[int, int] | list[int]) -> int | list[int]:
-    """A size as timm's JSON configs write it: an int when square, else [height, width]."""
+    """A size as JSON configs write it: an int when square, else [height, width]."""
     height, width = as_pair(value)
     return height if height == width else [height, width]
 
 
-def mlp_ratio_for(width: int, mlp_dim: int) -> float:
-    """An ``mlp_ratio`` for which timm's ``int(width * mlp_ratio)`` gives back ``mlp_dim``."""
-    for ratio in (4 * 2 / 3, 4.0, mlp_dim / width, (mlp_dim + 0.5) / width):
+# timm's SwiGLU towers state 4 * 2 / 3, its other towers 4.0: those are the values to write.
+TIMM_MLP_RATIOS = (4 * 2 / 3, 4.0)
+
+
+def mlp_ratio_for(width: int, mlp_dim: int, preferred: Sequence[float] = TIMM_MLP_RATIOS) -> float:
+    """An ``mlp_ratio`` for which ``int(width * mlp_ratio)`` (timm's and open_clip's rule) gives
+    back ``mlp_dim``: one of ``preferred``, else ``mlp_dim / width``, nudged by half a unit when
+    the float product lands a hair below the integer and truncates (2.6667-style ratios)."""
+    for ratio in (*preferred, mlp_dim / width, (mlp_dim + 0.5) / width):
         if int(width * ratio) == mlp_dim:
             return ratio
     raise ValueError(f"no mlp_ratio gives {mlp_dim} hidden units at width {width}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Linear and LayerNorm (Flax Dense ``kernel`` (in, out) <-> torch Linear ``weight`` (out, in);
-# Flax LayerNorm ``scale`` <-> torch ``weight``)
+# Layout conversions (Flax <-> torch)
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_norm_shapes(key: str, channels: int) -> Shapes:
-    """The state-dict entries of a PyTorch BatchNorm2d named ``key``."""
-    return {
-        f"{key}.weight": (channels,),
-        f"{key}.bias": (channels,),
-        f"{key}.running_mean": (channels,),
-        f"{key}.running_var": (channels,),
-        f"{key}.{BATCH_NORM_COUNTER}": (),
-    }
-
-
 def linear_to_torch(entries: Entries, jax: str, torch: str, bias: bool = True) -> StateDict:
+    """Dense ``kernel`` (in, out) -> Linear ``weight`` (out, in), and the bias."""
     state = {f"{torch}.weight": entries.take(f"{jax}/kernel").T}
     if bias:
         state[f"{torch}.bias"] = entries.take(f"{jax}/bias")
-    return state
-
-
-def layer_norm_to_torch(entries: Entries, jax: str, torch: str) -> StateDict:
-    return {
-        f"{torch}.weight": entries.take(f"{jax}/scale").reshape(-1),
-        f"{torch}.bias": entries.take(f"{jax}/bias").reshape(-1),
-    }
-
-
-def vit_stem_to_timm(entries: Entries) -> StateDict:
-    """The ViT stem in timm's names (vision_transformer.py and eva.py share them): class token,
-    patch embedding (HWIO -> OIHW, bias if any), position embeddings, ``norm_pre`` (ln_pre)."""
-    take = entries.take
-    state: StateDict = {
-        "cls_token": take("class_embedding").reshape(1, 1, -1),
-        "patch_embed.proj.weight": take("conv1/kernel").transpose(3, 2, 0, 1),
-    }
-    if entries.has("conv1/bias"):
-        state["patch_embed.proj.bias"] = take("conv1/bias")
-    if entries.has("positional_embedding"):
-        state["pos_embed"] = take("positional_embedding")[None]
-    if entries.has("ln_pre/scale"):
-        state.update(layer_norm_to_torch(entries, "ln_pre", "norm_pre"))
     return state
 
 
@@ -185,6 +155,14 @@ def linear_from_torch(entries: Entries, torch: str, jax: str, bias: bool = True)
     if bias:
         flat[f"{jax}/bias"] = entries.take(f"{torch}.bias")
     return flat
+
+
+def layer_norm_to_torch(entries: Entries, jax: str, torch: str) -> StateDict:
+    """LayerNorm ``scale`` -> ``weight`` (flattened: a per-head norm is one vector in torch)."""
+    return {
+        f"{torch}.weight": entries.take(f"{jax}/scale").reshape(-1),
+        f"{torch}.bias": entries.take(f"{jax}/bias").reshape(-1),
+    }
 
 
 def layer_norm_from_torch(
@@ -196,72 +174,57 @@ def layer_norm_from_torch(
     }
 
 
+def conv_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """Flax conv kernel HWIO -> torch weight OIHW."""
+    return kernel.transpose(3, 2, 0, 1)
+
+
+def conv_from_torch(weight: np.ndarray) -> np.ndarray:
+    return weight.transpose(2, 3, 1, 0)
+
+
+# Attention projections: Flax keeps heads as an axis, torch concatenates them head-major, which is
+# exactly what flattening the (H, D) axes does.
+
+
+def heads_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """A q/k/v kernel (width, heads, head_dim) -> torch Linear weight (heads * head_dim, width)."""
+    return kernel.reshape(kernel.shape[0], -1).T
+
+
+def heads_from_torch(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    return weight.T.reshape(weight.shape[1], num_heads, -1)
+
+
+def heads_out_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """An output kernel (heads, head_dim, width) -> Linear weight (width, heads * head_dim)."""
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def heads_out_from_torch(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    return weight.T.reshape(num_heads, -1, weight.shape[0])
+
+
 # --------------------------------------------------------------------------------------------------
-# timm's Hub directory (``timm.create_model("local-dir:<dir>", pretrained=True)``)
+# Files
 # --------------------------------------------------------------------------------------------------
 
 
-def timm_hub_config(
-    architecture: str,
-    model_args: Mapping[str, Any],
-    *,
-    image_size: int | tuple[int, int],
-    mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
-    std: tuple[float, float, float] = OPENAI_DATASET_STD,
-) -> dict[str, Any]:
-    """timm's Hub ``config.json`` content: architecture, model_args and pretrained_cfg (the input
-    size and normalisation a user's preprocessing reads)."""
-    height, width = as_pair(image_size)
-    return {
-        "architecture": architecture,
-        "num_classes": model_args["num_classes"],
-        "num_features": model_args["embed_dim"],
-        "global_pool": model_args["global_pool"],
-        "model_args": dict(model_args),
-        "pretrained_cfg": {
-            "input_size": [3, height, width],
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "mean": list(mean),
-            "std": list(std),
-            "num_classes": model_args["num_classes"],
-            "pool_size": None,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-    }
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name, so that an interrupted export never looks complete."""
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    temporary.replace(path)
 
 
-def write_timm_directory(
-    path_dir: str | Path, state: Mapping[str, np.ndarray], config: Mapping[str, Any]
-) -> Path:
-    """Write ``model.safetensors`` and ``config.json``; returns the directory."""
+def write_json(path: Path, content: Mapping[str, Any]) -> None:
+    write_atomically(path, lambda file: file.write_text(json.dumps(content, indent=2) + "\n"))
+
+
+def write_safetensors(path: Path, state: Mapping[str, np.ndarray]) -> None:
+    """A state dict as PyTorch reads it (``safetensors.torch.load_file``)."""
     from safetensors.numpy import save_file
 
-    path_dir = Path(path_dir)
-    path_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(
-        path_dir / TIMM_WEIGHTS_FILE_NAME,
-        lambda path: save_file(dict(state), str(path), metadata={"format": "pt"}),
+        path, lambda file: save_file(dict(state), str(file), metadata={"format": "pt"})
     )
-    write_atomically(
-        path_dir / TIMM_CONFIG_FILE_NAME,
-        lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
-    )
-    return path_dir
-
-
-def read_timm_directory(path_dir: str | Path) -> tuple[dict[str, Any], StateDict]:
-    """``(model_args, state_dict)`` of a timm Hub directory; ``num_classes`` and ``global_pool``
-    written beside ``model_args`` (as timm's Hub configs do) fill in for missing arguments."""
-    import safetensors.numpy
-
-    path_dir = Path(path_dir)
-    config = json.loads((path_dir / TIMM_CONFIG_FILE_NAME).read_text())
-    model_args = dict(config.get("model_args", {}))
-    for name in ("num_classes", "global_pool"):
-        if name in config:
-            model_args.setdefault(name, config[name])
-    return model_args, safetensors.numpy.load_file(str(path_dir / TIMM_WEIGHTS_FILE_NAME))

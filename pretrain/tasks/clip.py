@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,7 +35,7 @@ from pretrain.components.two_tower import (
 from pretrain.data import image_text
 from pretrain.data.transforms import normalize_unit, unit_images
 from pretrain.evaluate import image_text_eval
-from pretrain.export import open_clip, open_clip_mobileclip, timm_eva
+from pretrain.export import open_clip
 
 LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
 # open_clip clamps the learned temperature so that the logit scale never exceeds 100.
@@ -256,41 +255,17 @@ class Task(base.Task):
         return pretrained or None
 
     def export(self, params: Any, directory: str, model_state: Any = None) -> str:
-        """open_clip state dict (safetensors) + model config; see pretrain/export/open_clip.py.
-
-        An EVA-style image tower (e.g. UTA's) becomes a timm trunk in open_clip: a registered one
-        when the architecture matches, else the tower's own timm export in ``timm_trunk/``
-        (referenced as ``local-dir:``; open_clip then needs that folder where it loads). A
-        MobileCLIP tower becomes timm's registered fastvit_mci0/1/2 trunk (open_clip's
-        MobileCLIP-S1/S2 layout; other MCi towers are refused). A ResNet or MobileCLIP tower's
-        BatchNorm statistics (``model_state``) become its running_mean/var.
-        """
+        """open_clip state dict (safetensors) + model config (pretrain/export/open_clip/): the
+        image tower's family decides its layout (an EVA tower may bring a ``timm_trunk/``), a
+        ResNet or MobileCLIP tower's ``model_state`` becomes its BatchNorm running statistics."""
         params = {k: v for k, v in params.items() if k != "range_augment"}  # training only
         fixed_scale = self.config.loss.get("fixed_logit_scale")
         if fixed_scale:  # the scale the model was trained and is used with
             params["logit_scale"] = np.asarray(np.log(fixed_scale), np.float32)
-        image = self.model.image_encoder
-        trunk_name = None
-        # A MobileCLIP tower's trunk is named from its architecture by open_clip_model_config.
-        is_mobileclip = open_clip_mobileclip.is_mobileclip_tower(image)
-        if not is_mobileclip and not open_clip.is_open_clip_vit(image):
-            trunk_name = open_clip.registered_timm_trunk(image, self.image_size)
-            if trunk_name is None:
-                trunk_dir = Path(directory) / "timm_trunk"
-                timm_eva.save_timm(
-                    trunk_dir, params["image_encoder"], image, image_size=self.image_size
-                )
-                trunk_name = f"local-dir:{trunk_dir.resolve()}"
-        model_config = open_clip.open_clip_model_config(
-            image,
-            self.model.text_encoder,
-            image_size=self.image_size,
-            init_logit_bias=self.model.logit_bias_init,
-            timm_model_name=trunk_name,
+        path = open_clip.save_two_tower_model(
+            directory, self.model, params, image_size=self.image_size, batch_stats=model_state
         )
-        return str(
-            open_clip.save_open_clip(directory, params, model_config, batch_stats=model_state)
-        )
+        return str(path)
 
     def make_evaluator(self) -> image_text_eval.ImageTextEvaluator:
         return image_text_eval.ImageTextEvaluator(

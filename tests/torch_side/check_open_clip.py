@@ -43,16 +43,14 @@ import numpy as np
 import open_clip
 import timm
 import torch
+from parity_files import read_inputs, write_results
 from safetensors.torch import load_file, save_file
-
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+from torch_parity import images_nchw, parameter_count, same_weights, state_report
 
 
 def _embed(model: torch.nn.Module, case_dir: Path) -> dict[str, np.ndarray]:
-    inputs = np.load(case_dir / "inputs.npz")
-    images = torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    tokens = torch.from_numpy(inputs["tokens"]).long()
+    images = images_nchw(case_dir)
+    tokens = torch.from_numpy(read_inputs(case_dir)["tokens"]).long()
     model.eval()
     with torch.no_grad():
         outputs = {
@@ -72,24 +70,15 @@ def _embed(model: torch.nn.Module, case_dir: Path) -> dict[str, np.ndarray]:
     return outputs
 
 
-def _write_results(case_dir: Path, outputs: dict[str, np.ndarray], report: dict) -> None:
-    np.savez(case_dir / "torch_outputs.npz", **outputs)
-    (case_dir / "report.json").write_text(json.dumps(report, indent=2))
-
-
 def load_export(case_dir: Path, name: str | None, registered: str | None = None) -> None:
     export_dir = case_dir / "export"
     model = open_clip.create_model(f"local-dir:{export_dir}")
     exported = load_file(str(export_dir / "open_clip_model.safetensors"))
-    model_state = model.state_dict()
     # strict=True raises on any missing or unexpected key and on any shape mismatch.
     model.load_state_dict(exported, strict=True)
     report = {
-        "model_class": type(model).__name__,
-        "model_keys": sorted(model_state),
-        "model_shapes": {key: list(value.shape) for key, value in model_state.items()},
+        **state_report(model),
         "exported_keys": sorted(exported),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer_class": type(open_clip.get_tokenizer(f"local-dir:{export_dir}")).__name__,
     }
     if name is not None:
@@ -97,9 +86,7 @@ def load_export(case_dir: Path, name: str | None, registered: str | None = None)
         named = open_clip.create_model(
             name, pretrained=str(export_dir / "open_clip_model.safetensors")
         )
-        report["named_model_matches"] = all(
-            torch.equal(value, named.state_dict()[key]) for key, value in model.state_dict().items()
-        )
+        report["named_model_matches"] = same_weights(model, named)
     outputs = _embed(model, case_dir)
     if registered is not None:
         # open_clip's own model of that name, randomly initialised, then the export on top.
@@ -113,7 +100,7 @@ def load_export(case_dir: Path, name: str | None, registered: str | None = None)
         outputs.update(
             {f"registered_{key}": value for key, value in _embed(reference, case_dir).items()}
         )
-    _write_results(case_dir, outputs, report)
+    write_results(case_dir, outputs, report)
 
 
 def _perturb_(model: torch.nn.Module, seed: int) -> None:
@@ -138,7 +125,7 @@ def _calibrate_batch_norms_(model: torch.nn.Module, case_dir: Path, seed: int) -
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    images = torch.from_numpy(np.load(case_dir / "inputs.npz")["images"]).permute(0, 3, 1, 2)
+    images = images_nchw(case_dir)
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -181,9 +168,9 @@ def make_reference(case_dir: Path, model_spec: str) -> None:
     report = {
         "model_class": type(model).__name__,
         "num_keys": len(state),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": parameter_count(model),
     }
-    _write_results(case_dir, _embed(model, case_dir), report)
+    write_results(case_dir, _embed(model, case_dir), report)
 
 
 def describe(out_path: Path, names: list[str]) -> None:

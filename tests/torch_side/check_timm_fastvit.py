@@ -38,41 +38,35 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from check_timm_eva import _perturb_
-from safetensors.torch import load_file, save_file
+from parity_files import write_results
+from safetensors.torch import save_file
 from timm.utils.model import reparameterize_model
-
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
-
-
-def _nhwc(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.permute(0, 2, 3, 1).contiguous().numpy()
+from torch_parity import (
+    check_timm_export,
+    create_timm_model,
+    each,
+    images_nchw,
+    nhwc,
+    parameter_count,
+    perturb_timm_,
+    run_commands,
+    write_timm_reference,
+)
 
 
 def _run(model: torch.nn.Module, case_dir: Path, prefix: str = "") -> dict[str, np.ndarray]:
-    images = np.load(case_dir / "inputs.npz")["images"]
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    images = images_nchw(case_dir)
     model.eval()
     with torch.no_grad():
         features = model.forward_features(images)
         outputs = {
-            "features": _nhwc(features),
+            "features": nhwc(features),
             "pre_logits": model.forward_head(features, pre_logits=True).numpy(),
             "embedding": model(images).numpy(),
         }
         stages = model.forward_intermediates(images, intermediates_only=True)
-        outputs.update({f"stage_{i}": _nhwc(stage) for i, stage in enumerate(stages)})
+        outputs.update({f"stage_{i}": nhwc(stage) for i, stage in enumerate(stages)})
     return {f"{prefix}{name}": value for name, value in outputs.items()}
-
-
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
-    a, b = first.state_dict(), second.state_dict()
-    return sorted(a) == sorted(b) and all(torch.equal(value, b[key]) for key, value in a.items())
 
 
 def _batch_norms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
@@ -80,39 +74,24 @@ def _batch_norms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
 
 
 def load_export(case_dir: Path) -> None:
-    export_dir = case_dir / "export"
-    config = json.loads((export_dir / "config.json").read_text())
-    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
-    exported = load_file(str(export_dir / "model.safetensors"))
-    # strict=True raises on any missing or unexpected key and on any shape mismatch.
-    model.load_state_dict(exported, strict=True)
-    from_dir = timm.create_model(f"local-dir:{export_dir}", pretrained=True)
-    outputs = _run(model, case_dir)
-    local_dir_outputs = _run(from_dir, case_dir)
+    model, exported, outputs, report = check_timm_export(case_dir, _run)
     norms = _batch_norms(model)
     counters = [key for key in exported if key.endswith("num_batches_tracked")]
-    report = {
-        "model_class": type(model).__name__,
-        "model_keys": sorted(model.state_dict()),
-        "exported_keys": sorted(exported),
-        "num_parameters": _count(model),
-        "local_dir_matches": _same_weights(model, from_dir),
-        "local_dir_max_diff": max(
-            float(np.abs(outputs[name] - local_dir_outputs[name]).max()) for name in outputs
-        ),
-        "batch_norm_eps": sorted({m.eps for m in norms}),
-        "batch_norm_momentum": sorted({m.momentum for m in norms}),
-        "counter_dtypes": sorted({str(exported[key].dtype) for key in counters}),
-        "counter_values": sorted({int(exported[key]) for key in counters}),
-    }
+    report.update(
+        {
+            "batch_norm_eps": sorted({m.eps for m in norms}),
+            "batch_norm_momentum": sorted({m.momentum for m in norms}),
+            "counter_dtypes": sorted({str(exported[key].dtype) for key in counters}),
+            "counter_values": sorted({int(exported[key]) for key in counters}),
+        }
+    )
     reparameterized = reparameterize_model(copy.deepcopy(model))
     outputs.update(_run(reparameterized, case_dir, prefix="reparam_"))
-    report["reparam_num_parameters"] = _count(reparameterized)
+    report["reparam_num_parameters"] = parameter_count(reparameterized)
     report["reparam_batch_norms"] = len(_batch_norms(reparameterized))
     state = {key: value.contiguous() for key, value in reparameterized.state_dict().items()}
     save_file(state, str(case_dir / "reparam_state.safetensors"))
-    np.savez(case_dir / "torch_outputs.npz", **outputs)
-    (case_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_results(case_dir, outputs, report)
 
 
 def _randomize_batch_norms_(model: torch.nn.Module, seed: int) -> None:
@@ -128,8 +107,8 @@ def _randomize_batch_norms_(model: torch.nn.Module, seed: int) -> None:
 def make_reference(case_dir: Path) -> None:
     spec = json.loads((case_dir / "spec.json").read_text())
     torch.manual_seed(0)
-    model = timm.create_model(spec["architecture"], pretrained=False, **spec["model_args"])
-    _perturb_(model, seed=1)
+    model = create_timm_model(spec)
+    perturb_timm_(model, seed=1)
     _randomize_batch_norms_(model, seed=2)
     if isinstance(model.head.fc, torch.nn.Linear):
         with torch.no_grad():
@@ -137,12 +116,7 @@ def make_reference(case_dir: Path) -> None:
             model.head.fc.bias.copy_(
                 0.1 * torch.randn(model.head.fc.bias.shape, generator=generator)
             )
-    reference_dir = case_dir / "reference"
-    reference_dir.mkdir(parents=True, exist_ok=True)
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(reference_dir / "model.safetensors"))
-    (reference_dir / "config.json").write_text(json.dumps(spec))
-    np.savez(case_dir / "torch_outputs.npz", **_run(model, case_dir))
+    write_timm_reference(case_dir, model, spec, _run(model, case_dir))
 
 
 def count(out_path: Path) -> None:
@@ -153,30 +127,14 @@ def count(out_path: Path) -> None:
             inference = timm.create_model(
                 name, pretrained=False, num_classes=512, inference_mode=True
             )
-        counts[name] = {"train": _count(train), "inference": _count(inference)}
+        counts[name] = {"train": parameter_count(train), "inference": parameter_count(inference)}
     out_path.write_text(json.dumps(counts, indent=2))
 
 
-def main(argv: list[str]) -> None:
-    """Commands run in order in one process (torch and timm import once), separated by "--"."""
-    commands: list[list[str]] = [[]]
-    for word in argv:
-        if word == "--":
-            commands.append([])
-        else:
-            commands[-1].append(word)
-    for command, *rest in filter(None, commands):
-        if command == "load-export":
-            for case_dir in rest:
-                load_export(Path(case_dir))
-        elif command == "make-reference":
-            for case_dir in rest:
-                make_reference(Path(case_dir))
-        elif command == "count":
-            count(Path(rest[0]))
-        else:
-            raise SystemExit(f"unknown command {command!r}")
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commands = {
+        "load-export": each(load_export),
+        "make-reference": each(make_reference),
+        "count": count,
+    }
+    run_commands(sys.argv[1:], commands)

@@ -32,70 +32,47 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
-from check_timm_eva import _perturb_, _run
-from safetensors.torch import load_file, save_file
+from parity_files import write_results
+from torch_parity import (
+    check_timm_export,
+    create_timm_model,
+    each,
+    parameter_count,
+    perturb_timm_,
+    run_commands,
+    run_vit,
+    state_report,
+    write_timm_reference,
+)
 
 
-def _report(model: torch.nn.Module) -> dict:
-    state = model.state_dict()
+def _norms_and_activation(model: torch.nn.Module) -> dict:
     return {
-        "model_class": type(model).__name__,
-        "model_keys": sorted(state),
-        "model_shapes": {key: list(value.shape) for key, value in state.items()},
-        "num_parameters": sum(p.numel() for p in model.parameters()),
         "norm_eps": model.norm.eps,
         "block_norm_eps": model.blocks[0].norm1.eps,
         "activation": type(model.blocks[0].mlp.act).__name__,
     }
 
 
-def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
-    a, b = first.state_dict(), second.state_dict()
-    return sorted(a) == sorted(b) and all(torch.equal(value, b[key]) for key, value in a.items())
-
-
 def load_export(case_dir: Path) -> None:
-    export_dir = case_dir / "export"
-    config = json.loads((export_dir / "config.json").read_text())
-    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
-    exported = load_file(str(export_dir / "model.safetensors"))
-    # strict=True raises on any missing or unexpected key and on any shape mismatch.
-    model.load_state_dict(exported, strict=True)
-    from_dir = timm.create_model(f"local-dir:{export_dir}", pretrained=True)
-    outputs = _run(model, case_dir)
-    local_dir_outputs = _run(from_dir, case_dir)
-    report = {
-        **_report(model),
-        "exported_keys": sorted(exported),
-        "local_dir_matches": _same_weights(model, from_dir),
-        "local_dir_max_diff": max(
-            float(np.abs(outputs[name] - local_dir_outputs[name]).max()) for name in outputs
-        ),
-    }
-    np.savez(case_dir / "torch_outputs.npz", **outputs)
-    (case_dir / "report.json").write_text(json.dumps(report, indent=2))
+    model, _, outputs, report = check_timm_export(case_dir, run_vit)
+    write_results(case_dir, outputs, {**report, **_norms_and_activation(model)})
 
 
 def make_reference(case_dir: Path) -> None:
     spec = json.loads((case_dir / "spec.json").read_text())
     torch.manual_seed(0)
-    model = timm.create_model(spec["architecture"], pretrained=False, **spec["model_args"])
-    _perturb_(model, seed=1)
+    model = create_timm_model(spec)
+    perturb_timm_(model, seed=1)
     if spec.get("random_head_bias") and isinstance(model.head, torch.nn.Linear):
         with torch.no_grad():
             generator = torch.Generator().manual_seed(2)
             model.head.bias.copy_(0.1 * torch.randn(model.head.bias.shape, generator=generator))
-    reference_dir = case_dir / "reference"
-    reference_dir.mkdir(parents=True, exist_ok=True)
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(reference_dir / "model.safetensors"))
     config = {"architecture": spec["architecture"], "model_args": spec["model_args"]}
-    (reference_dir / "config.json").write_text(json.dumps(config))
-    np.savez(case_dir / "torch_outputs.npz", **_run(model, case_dir))
-    (case_dir / "report.json").write_text(json.dumps(_report(model), indent=2))
+    report = {**state_report(model), **_norms_and_activation(model)}
+    write_timm_reference(case_dir, model, config, run_vit(model, case_dir), report)
 
 
 def _name_report(name: str) -> dict:
@@ -114,8 +91,7 @@ def _name_report(name: str) -> dict:
 
 def _count(spec: dict) -> int:
     with torch.device("meta"):
-        model = timm.create_model(spec["architecture"], pretrained=False, **spec["model_args"])
-    return sum(p.numel() for p in model.parameters())
+        return parameter_count(create_timm_model(spec))
 
 
 def inspect(in_path: Path, out_path: Path) -> None:
@@ -127,19 +103,10 @@ def inspect(in_path: Path, out_path: Path) -> None:
     out_path.write_text(json.dumps(out, indent=2))
 
 
-def main(argv: list[str]) -> None:
-    command, *rest = argv
-    if command == "load-export":
-        for case_dir in rest:
-            load_export(Path(case_dir))
-    elif command == "make-reference":
-        for case_dir in rest:
-            make_reference(Path(case_dir))
-    elif command == "inspect":
-        inspect(Path(rest[0]), Path(rest[1]))
-    else:
-        raise SystemExit(f"unknown command {command!r}")
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    commands = {
+        "load-export": each(load_export),
+        "make-reference": each(make_reference),
+        "inspect": inspect,
+    }
+    run_commands(sys.argv[1:], commands)

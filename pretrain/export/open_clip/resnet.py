@@ -1,8 +1,5 @@
-"""open_clip's ``ModifiedResNet`` image tower (RN50, RN101, RN50x4...) <-> models/resnet.py.
-
-The image-tower half of the open_clip export for a ``TwoTowerModel`` whose image tower is a
-``models.resnet.ModifiedResNet``; pretrain/export/open_clip.py dispatches here for it and keeps
-the text tower, the logit scale and the files. The layout is one-to-one:
+"""open_clip's ``ModifiedResNet`` image tower (RN50, RN101, RN50x4...) <-> models/resnet.py's:
+a tower family. The layout is one-to-one:
 
 ==========================================  =====================================================
 JAX (``image_encoder/...``)                  open_clip ``state_dict`` (``visual....``)
@@ -18,9 +15,9 @@ JAX (``image_encoder/...``)                  open_clip ``state_dict`` (``visual.
 ``attnpool/c_proj`` (H, D, E)                ``attnpool.c_proj.weight`` (E, H*D), bias
 ==========================================  =====================================================
 
-BatchNorm running statistics live in Flax's ``batch_stats`` collection, not in ``params``, so the
-functions here take both. ``num_batches_tracked`` only matters to torch for ``momentum=None``
-(a cumulative average), which open_clip's ResNet does not use; exports write 0.
+BatchNorm running statistics live in Flax's ``batch_stats`` collection, not in ``params``.
+``num_batches_tracked`` only matters to torch for ``momentum=None`` (a cumulative average),
+which open_clip's ResNet does not use; exports write 0.
 
 Config: ``vision_cfg = {"image_size": S, "layers": [..4 counts..], "width": W, "head_width":
 32 W / heads, "patch_size": null}`` (open_clip builds a ``ModifiedResNet`` when ``layers`` is a
@@ -38,30 +35,48 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.export.tree_io import Entries, Shapes, as_pair, batch_norm_shapes, module_field
+from pretrain.export.open_clip import defaults
+from pretrain.export.state_dict_shapes import Shapes, batch_norm_shapes, linear_shapes
+from pretrain.export.tree_io import (
+    Entries,
+    StateDict,
+    as_pair,
+    conv_from_torch,
+    conv_to_torch,
+    heads_from_torch,
+    heads_out_from_torch,
+    heads_out_to_torch,
+    heads_to_torch,
+    module_field,
+)
 
 # models/resnet.py's constants, restated: pretrain/export/ reads models through their fields and
 # parameter trees only.
 BOTTLENECK_EXPANSION = 4
 FEATURE_WIDTH_FACTOR = 32
 DOWNSAMPLING = 32
-OPEN_CLIP_HEAD_WIDTH = 64
 OPEN_CLIP_BATCH_NORM_EPS = 1e-5
 STAGES = 4
+_JAX, _TORCH = "image_encoder/", "visual."
+# A parameter only this tower has: a two-tower tree holding it is a ResNet's.
+_MARKER = f"{_JAX}attnpool/positional_embedding"
 
-StateDict = dict[str, np.ndarray]
 
-
-def is_resnet_tower(image_encoder: Any) -> bool:
+def is_tower(image_encoder: Any, timm_model_name: str | None) -> bool:
     """True for a ModifiedResNet (a module or a mapping of its fields): it has stage ``layers``."""
+    del timm_model_name  # a ResNet with one is refused by vision_cfg
     return isinstance(module_field(image_encoder, "layers"), list | tuple)
 
 
-def is_resnet_vision_cfg(vision_cfg: Mapping[str, Any]) -> bool:
+def is_vision_cfg(vision_cfg: Mapping[str, Any]) -> bool:
     """True when open_clip builds a ModifiedResNet from this ``vision_cfg`` (``layers`` a list)."""
     return not vision_cfg.get("timm_model_name") and isinstance(
         vision_cfg.get("layers"), list | tuple
     )
+
+
+def is_params(params: Entries) -> bool:
+    return params.has(_MARKER)
 
 
 def feature_width(width: int) -> int:
@@ -87,8 +102,18 @@ def _square_image_size(image_size: int | tuple[int, int] | list[int]) -> int:
     return height
 
 
-def resnet_vision_cfg(image_encoder: Any, image_size: int | tuple[int, int]) -> dict[str, Any]:
-    """open_clip's ``vision_cfg`` for a ModifiedResNet (module instance or mapping of fields)."""
+def vision_cfg(
+    image_encoder: Any,
+    image_size: int | tuple[int, int],
+    timm_model_name: str | None,
+    text_activation: str,
+) -> tuple[dict[str, Any], int]:
+    """``(vision_cfg, embed_dim)`` for a ModifiedResNet (module instance or mapping of fields).
+    Its activation is ReLU whatever ``text_activation``: open_clip's ``quick_gelu`` then concerns
+    the text tower alone."""
+    del text_activation
+    if timm_model_name is not None:
+        raise ValueError("timm_model_name applies to ViT image towers, not to a ResNet")
     layers = [int(count) for count in module_field(image_encoder, "layers")]
     if len(layers) != STAGES:
         raise ValueError(f"ResNet layers {layers}: open_clip's ModifiedResNet has {STAGES} stages")
@@ -113,24 +138,32 @@ def resnet_vision_cfg(image_encoder: Any, image_size: int | tuple[int, int]) -> 
             f"pos_embed_grid {stored_grid} != image size {size} // {DOWNSAMPLING}: open_clip "
             "sizes the attention pool's position embeddings from the image size"
         )
-    return {
+    config = {
         "image_size": size,
         "layers": layers,
         "width": width,
         "head_width": head_width,
         "patch_size": None,
     }
+    return config, embed_dim_of(image_encoder)
 
 
-def jax_resnet_kwargs(
-    vision_cfg: Mapping[str, Any], embed_dim: int
+def vision_cfg_problems(vision_cfg: Mapping[str, Any]) -> list[str]:
+    """None: open_clip's ModifiedResNet reads only image_size, layers, width and head_width."""
+    del vision_cfg
+    return []
+
+
+def jax_kwargs(
+    vision_cfg: Mapping[str, Any], embed_dim: int, activation: str
 ) -> tuple[dict[str, Any], tuple[int, int]]:
     """``(ModifiedResNet kwargs, (size, size))`` for an open_clip ResNet ``vision_cfg``."""
+    del activation  # ReLU
     image_size = vision_cfg.get("image_size", 224)
     if not isinstance(image_size, int):
         raise ValueError(f"vision_cfg.image_size {image_size!r}: a ModifiedResNet takes an int")
     width = int(vision_cfg.get("width", 64))
-    head_width = int(vision_cfg.get("head_width", OPEN_CLIP_HEAD_WIDTH))
+    head_width = int(vision_cfg.get("head_width", defaults.HEAD_WIDTH))
     kwargs = {
         "layers": tuple(int(count) for count in vision_cfg["layers"]),
         "width": width,
@@ -149,10 +182,10 @@ def _conv_shapes(key: str, out_channels: int, in_channels: int, kernel: int) -> 
     return {f"{key}.weight": (out_channels, in_channels, kernel, kernel)}
 
 
-def resnet_state_dict_shapes(
-    image_encoder: Mapping[str, Any], image_size: tuple[int, int], prefix: str = "visual."
-) -> Shapes:
-    """Keys and shapes of open_clip's ``ModifiedResNet`` state dict (BatchNorm buffers too)."""
+def state_dict_shapes(vision_cfg: Mapping[str, Any], embed_dim: int) -> Shapes:
+    """Keys and shapes of open_clip's ``ModifiedResNet`` (``visual.*``, BatchNorm buffers too)."""
+    image_encoder, image_size = jax_kwargs(vision_cfg, embed_dim, "relu")
+    prefix = _TORCH
     width = int(image_encoder["width"])
     shapes: Shapes = {}
     stem = ((width // 2, 3), (width // 2, width // 2), (width, width // 2))
@@ -180,10 +213,8 @@ def resnet_state_dict_shapes(
     embed_dim = int(image_encoder.get("output_dim") or features)
     shapes[f"{prefix}attnpool.positional_embedding"] = (grid * grid + 1, features)
     for name in ("q_proj", "k_proj", "v_proj"):
-        shapes[f"{prefix}attnpool.{name}.weight"] = (features, features)
-        shapes[f"{prefix}attnpool.{name}.bias"] = (features,)
-    shapes[f"{prefix}attnpool.c_proj.weight"] = (embed_dim, features)
-    shapes[f"{prefix}attnpool.c_proj.bias"] = (embed_dim,)
+        shapes.update(linear_shapes(f"{prefix}attnpool.{name}", features, features))
+    shapes.update(linear_shapes(f"{prefix}attnpool.c_proj", embed_dim, features))
     return shapes
 
 
@@ -204,7 +235,7 @@ def _conv_bn_to_torch(
     params: Entries, stats: Entries, jax_conv: str, jax_bn: str, torch_conv: str, torch_bn: str
 ) -> StateDict:
     return {
-        f"{torch_conv}.weight": params.take(f"{jax_conv}/kernel").transpose(3, 2, 0, 1),
+        f"{torch_conv}.weight": conv_to_torch(params.take(f"{jax_conv}/kernel")),
         f"{torch_bn}.weight": params.take(f"{jax_bn}/scale"),
         f"{torch_bn}.bias": params.take(f"{jax_bn}/bias"),
         f"{torch_bn}.running_mean": stats.take(f"{jax_bn}/mean"),
@@ -217,7 +248,7 @@ def _conv_bn_from_torch(
     state: Entries, jax_conv: str, jax_bn: str, torch_conv: str, torch_bn: str
 ) -> tuple[StateDict, StateDict]:
     params = {
-        f"{jax_conv}/kernel": state.take(f"{torch_conv}.weight").transpose(2, 3, 1, 0),
+        f"{jax_conv}/kernel": conv_from_torch(state.take(f"{torch_conv}.weight")),
         f"{jax_bn}/scale": state.take(f"{torch_bn}.weight"),
         f"{jax_bn}/bias": state.take(f"{torch_bn}.bias"),
     }
@@ -246,16 +277,14 @@ def _layer_names(blocks_per_stage: list[int]) -> list[tuple[str, str, str, str]]
     return names
 
 
-def resnet_to_torch(
-    params: Entries,
-    batch_stats: Entries,
-    jax_prefix: str = "image_encoder/",
-    torch_prefix: str = "visual.",
+def to_torch(
+    params: Entries, batch_stats: Entries, vision_cfg: Mapping[str, Any], embed_dim: int
 ) -> StateDict:
-    """Take the tower's entries from flat ``params`` and ``batch_stats`` (``a/b/c`` paths) and
-    return them in open_clip's names and layouts."""
+    """Take the tower's entries from flat two-tower ``params`` and ``batch_stats``
+    (``image_encoder/...``) and return them in open_clip's names and layouts (``visual.*``)."""
+    del vision_cfg, embed_dim  # the parameters say everything
     blocks_per_stage = [
-        params.block_count(re.escape(f"{jax_prefix}layer{stage}_") + r"(\d+)/")
+        params.block_count(re.escape(f"{_JAX}layer{stage}_") + r"(\d+)/")
         for stage in range(1, STAGES + 1)
     ]
     state: StateDict = {}
@@ -264,59 +293,49 @@ def resnet_to_torch(
             _conv_bn_to_torch(
                 params,
                 batch_stats,
-                jax_prefix + jax_conv,
-                jax_prefix + jax_bn,
-                torch_prefix + torch_conv,
-                torch_prefix + torch_bn,
+                _JAX + jax_conv,
+                _JAX + jax_bn,
+                _TORCH + torch_conv,
+                _TORCH + torch_bn,
             )
         )
-    pool, torch_pool = f"{jax_prefix}attnpool/", f"{torch_prefix}attnpool."
+    pool, torch_pool = f"{_JAX}attnpool/", f"{_TORCH}attnpool."
     state[f"{torch_pool}positional_embedding"] = params.take(f"{pool}positional_embedding")
     for name in ("q_proj", "k_proj", "v_proj"):
-        kernel = params.take(f"{pool}{name}/kernel")  # (width, heads, head_dim)
-        # torch splits a projection's output into heads head-major, as the (H, D) reshape does.
-        state[f"{torch_pool}{name}.weight"] = kernel.reshape(kernel.shape[0], -1).T
+        state[f"{torch_pool}{name}.weight"] = heads_to_torch(params.take(f"{pool}{name}/kernel"))
         state[f"{torch_pool}{name}.bias"] = params.take(f"{pool}{name}/bias").reshape(-1)
-    out_kernel = params.take(f"{pool}c_proj/kernel")  # (heads, head_dim, embed_dim)
-    state[f"{torch_pool}c_proj.weight"] = out_kernel.reshape(-1, out_kernel.shape[-1]).T
+    state[f"{torch_pool}c_proj.weight"] = heads_out_to_torch(params.take(f"{pool}c_proj/kernel"))
     state[f"{torch_pool}c_proj.bias"] = params.take(f"{pool}c_proj/bias")
     return state
 
 
-def resnet_from_torch(
-    state: Entries,
-    num_heads: int,
-    torch_prefix: str = "visual.",
-    jax_prefix: str = "image_encoder/",
+def from_torch(
+    state: Entries, vision_cfg: Mapping[str, Any], embed_dim: int
 ) -> tuple[StateDict, StateDict]:
-    """Take the tower's entries from an open_clip state dict: ``(flat params, flat batch_stats)``
-    with ``a/b/c`` paths; ``num_heads`` of the attention pool (a state dict does not record it)."""
+    """Take ``visual.*`` from an open_clip state dict: ``(flat params, flat batch_stats)`` with
+    ``image_encoder/...`` paths; the config gives the attention pool's head count (a state dict
+    does not record it)."""
+    num_heads = jax_kwargs(vision_cfg, embed_dim, "relu")[0]["num_heads"]
     params: StateDict = {}
     stats: StateDict = {}
     blocks_per_stage = [
-        state.block_count(re.escape(f"{torch_prefix}layer{stage}.") + r"(\d+)\.")
+        state.block_count(re.escape(f"{_TORCH}layer{stage}.") + r"(\d+)\.")
         for stage in range(1, STAGES + 1)
     ]
     for jax_conv, jax_bn, torch_conv, torch_bn in _layer_names(blocks_per_stage):
         block_params, block_stats = _conv_bn_from_torch(
-            state,
-            jax_prefix + jax_conv,
-            jax_prefix + jax_bn,
-            torch_prefix + torch_conv,
-            torch_prefix + torch_bn,
+            state, _JAX + jax_conv, _JAX + jax_bn, _TORCH + torch_conv, _TORCH + torch_bn
         )
         params.update(block_params)
         stats.update(block_stats)
-    pool, torch_pool = f"{jax_prefix}attnpool/", f"{torch_prefix}attnpool."
+    pool, torch_pool = f"{_JAX}attnpool/", f"{_TORCH}attnpool."
     params[f"{pool}positional_embedding"] = state.take(f"{torch_pool}positional_embedding")
     for name in ("q_proj", "k_proj", "v_proj"):
         weight = state.take(f"{torch_pool}{name}.weight")  # (heads * head_dim, width)
-        head_dim = weight.shape[0] // num_heads
-        params[f"{pool}{name}/kernel"] = weight.T.reshape(weight.shape[1], num_heads, head_dim)
-        params[f"{pool}{name}/bias"] = state.take(f"{torch_pool}{name}.bias").reshape(
-            num_heads, head_dim
-        )
+        params[f"{pool}{name}/kernel"] = heads_from_torch(weight, num_heads)
+        bias = state.take(f"{torch_pool}{name}.bias")
+        params[f"{pool}{name}/bias"] = bias.reshape(num_heads, -1)
     weight = state.take(f"{torch_pool}c_proj.weight")  # (embed_dim, heads * head_dim)
-    params[f"{pool}c_proj/kernel"] = weight.T.reshape(num_heads, -1, weight.shape[0])
+    params[f"{pool}c_proj/kernel"] = heads_out_from_torch(weight, num_heads)
     params[f"{pool}c_proj/bias"] = state.take(f"{torch_pool}c_proj.bias")
     return params, stats

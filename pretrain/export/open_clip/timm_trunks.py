@@ -12,23 +12,16 @@ directory's ``config.json`` (``architecture`` + ``model_args``, the layout
 ``pretrain.export.timm_eva.save_timm`` writes): timm takes ``model_args`` as keyword arguments of
 the architecture's entry point, and so does :func:`trunk_model_args`. That is how an EVA tower
 with no registered timm name (a small test tower, a UTA student) can sit in an open_clip config.
-
-timm's fused attention layout (``qkv_fused=True``, EVA-01's default: ``attn.qkv.weight`` rows
-[q | k | v] with ``attn.q_bias`` and ``attn.v_bias``) and the separate one (``q_proj``,
-``k_proj``, ``v_proj``, EVA-02's) convert with :func:`fuse_qkv` / :func:`split_qkv`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pretrain.export import timm_eva
+from pretrain.export import timm_eva, timm_hub
 
 LOCAL_DIR_PREFIX = "local-dir:"
 
@@ -127,7 +120,7 @@ TIMM_EVA_TRUNKS: dict[str, dict[str, Any]] = {
 def _local_dir_model_args(directory: Path) -> dict[str, Any]:
     """timm's ``local-dir:`` semantics: the architecture's entry-point arguments, overridden by the
     directory's ``model_args`` (which timm passes as keyword arguments)."""
-    config_path = directory / timm_eva.CONFIG_FILE_NAME
+    config_path = directory / timm_hub.CONFIG_FILE_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"timm trunk local-dir:{directory} has no {config_path.name}")
     config = json.loads(config_path.read_text())
@@ -164,61 +157,8 @@ def trunk_model_args(timm_model_name: str) -> dict[str, Any]:
     return dict(TIMM_EVA_TRUNKS[name])
 
 
-def split_qkv(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's fused attention weights (``attn.qkv.weight`` + ``q_bias``/``v_bias``) as separate
-    ``q_proj``/``k_proj``/``v_proj``; other entries unchanged."""
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        match = re.fullmatch(r"(.*blocks\.\d+\.attn)\.(qkv\.weight|q_bias|v_bias)", key)
-        if match is None:
-            out[key] = value
-        elif match.group(2) == "qkv.weight":
-            for name, part in zip("qkv", np.split(np.asarray(value), 3, axis=0)):
-                out[f"{match.group(1)}.{name}_proj.weight"] = part
-        else:
-            out[f"{match.group(1)}.{match.group(2)[0]}_proj.bias"] = value
-    return out
-
-
-def fuse_qkv(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`split_qkv`: separate projections into timm's fused layout. The key
-    projection must have no bias (timm's fused attention keeps a zero ``k_bias`` buffer)."""
-    out: dict[str, Any] = {}
-    attention_prefixes = sorted(
-        {
-            m.group(1)
-            for key in state_dict
-            if (m := re.fullmatch(r"(.*\.attn)\.q_proj\.weight", key))
-        }
-    )
-    for key, value in state_dict.items():
-        if not re.fullmatch(r".*\.attn\.[qkv]_proj\.(weight|bias)", key):
-            out[key] = value
-    for prefix in attention_prefixes:
-        if f"{prefix}.k_proj.bias" in state_dict:
-            raise ValueError(f"{prefix}: timm's fused attention has no key bias")
-        out[f"{prefix}.qkv.weight"] = np.concatenate(
-            [np.asarray(state_dict[f"{prefix}.{name}_proj.weight"]) for name in "qkv"], axis=0
-        )
-        for name in "qv":
-            if f"{prefix}.{name}_proj.bias" in state_dict:
-                out[f"{prefix}.{name}_bias"] = state_dict[f"{prefix}.{name}_proj.bias"]
-    return out
-
-
 def trunk_state_dict_shapes(model_args: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the state dict timm's ``Eva`` builds from ``model_args``, in its own
     layout (fused q/k/v when ``qkv_fused``, timm's default)."""
     shapes = timm_eva.timm_state_dict_shapes(model_args)
-    if not model_args.get("qkv_fused", True):
-        return shapes
-    fused: dict[str, tuple[int, ...]] = {}
-    for key, shape in shapes.items():
-        match = re.fullmatch(r"(.*\.attn)\.([qkv])_proj\.(weight|bias)", key)
-        if match is None:
-            fused[key] = shape
-        elif match.group(3) == "bias":
-            fused[f"{match.group(1)}.{match.group(2)}_bias"] = shape
-        elif match.group(2) == "q":
-            fused[f"{match.group(1)}.qkv.weight"] = (3 * shape[0], shape[1])
-    return fused
+    return timm_eva.fused_qkv_shapes(shapes) if model_args.get("qkv_fused", True) else shapes
