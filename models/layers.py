@@ -61,6 +61,21 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
 
 
+def attention_weights(query: jax.Array, key: jax.Array, *, causal: bool = False) -> jax.Array:
+    """(batch, heads, queries, keys) float32 softmax(q k^T / sqrt(head_dim)) over the keys.
+
+    ``query`` and ``key`` are (batch, tokens, heads, head_dim), after any rotary embedding; with
+    ``causal`` a query sees only itself and the keys before it (``dot_product_attention``'s mask).
+    """
+    query = query.astype(jnp.float32)
+    key = key.astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(jnp.float32(query.shape[-1]))
+    if causal:
+        allowed = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention; query/key/value projections laid out as (width, heads, head_dim).
 
@@ -68,6 +83,10 @@ class MultiHeadAttention(nn.Module):
     ``qkv_bias`` says which projections have a bias ("qkv", "qv": EVA-02's no key bias, "none");
     ``inner_norm`` adds a LayerNorm over all heads' outputs before the output projection (EVA-02's
     sub-LN, scale and bias shaped (heads, head_dim)). ``rope_angles`` rotates queries and keys.
+
+    With the collection ``attention_weights`` mutable (``mutable=["attention_weights"]`` in
+    ``apply``) the weights it attends with are sown as ``attention_weights/.../weights``, see
+    :func:`attention_weights`; otherwise nothing is recorded.
     """
 
     num_heads: int
@@ -103,6 +122,12 @@ class MultiHeadAttention(nn.Module):
         if rope_angles is not None:
             query = apply_rope(query, rope_angles)
             key = apply_rope(key, rope_angles)
+        # Analysis only (e.g. mean attention distance): the fused kernel below does not expose its
+        # weights, so they are recomputed explicitly; without the collection this costs nothing
+        # and the output is the fused kernel's either way. Not at init, where every collection is
+        # mutable: the weights must not end up among a model's variables.
+        if self.is_mutable_collection("attention_weights") and not self.is_initializing():
+            self.sow("attention_weights", "weights", attention_weights(query, key, causal=causal))
         # (batch, tokens, heads, head_dim) layout; XLA (or cuDNN on GPU) picks the kernel.
         attended = jax.nn.dot_product_attention(query, key, value, is_causal=causal)
         if self.inner_norm:

@@ -65,6 +65,7 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Run the task's evaluators on a saved checkpoint (standalone evaluation)."""
     task, state = restore_trained(config, workdir, step)
+    task.output_dir = workdir
     results = evaluate_weights(task, state, int(jax.device_get(state["step"])), use_ema)
     for name, value in sorted(results.items()):
         logging.info("%s: %.4f", name, value)

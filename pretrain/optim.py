@@ -73,27 +73,39 @@ DEFAULT_LAYER_DECAY_PATTERNS = {
 }
 
 
+SCHEDULES = ("cosine", "polynomial", "constant")
+
+
 def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
+    """Linear warm-up from ``schedule.warmup_init_lr`` (default 0) to ``peak_lr`` over
+    ``warmup_steps``, then ``decay``: "cosine" or "polynomial" (``power``, default 1: linear, as
+    mmsegmentation's poly schedule) to ``end_lr`` at ``total_steps``, or "constant"."""
     schedule = config.schedule
     total_steps = int(config.total_steps)
     warmup_steps = min(int(schedule.warmup_steps), total_steps)
+    init_lr = float(schedule.get("warmup_init_lr", 0.0))
+    peak_lr = float(schedule.peak_lr)
+    if schedule.decay not in SCHEDULES:
+        raise ValueError(f"unknown schedule.decay {schedule.decay!r}; choose from {SCHEDULES}")
     if schedule.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=float(schedule.peak_lr),
+            init_value=init_lr,
+            peak_value=peak_lr,
             warmup_steps=warmup_steps,
             decay_steps=max(total_steps, warmup_steps + 1),
             end_value=float(schedule.end_lr),
         )
-    if schedule.decay == "constant":
-        return optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, float(schedule.peak_lr), max(warmup_steps, 1)),
-                optax.constant_schedule(float(schedule.peak_lr)),
-            ],
-            [warmup_steps],
+    warmup = optax.linear_schedule(init_lr, peak_lr, max(warmup_steps, 1))
+    if schedule.decay == "polynomial":
+        after = optax.polynomial_schedule(
+            peak_lr,
+            float(schedule.end_lr),
+            power=float(schedule.get("power", 1.0)),
+            transition_steps=max(total_steps - warmup_steps, 1),
         )
-    raise ValueError(f"unknown schedule.decay {schedule.decay!r}; use 'cosine' or 'constant'")
+    else:
+        after = optax.constant_schedule(peak_lr)
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def weight_decay_mask(params: Any, no_decay_patterns: Sequence[str] = ()) -> Any:

@@ -60,6 +60,9 @@ class Task(abc.ABC):
         self.config = config
         self.mesh = mesh
         self._evaluator: Evaluator | None = None
+        # Where the task may write files beside its metrics (e.g. evaluation figures): the run's
+        # workdir, set by the trainer and by --mode=evaluate; None: write nothing.
+        self.output_dir: str | None = None
 
     # -- model and loss ---------------------------------------------------------------------------
 

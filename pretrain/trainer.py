@@ -63,6 +63,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming from its last checkpoint); return final metrics."""
     run = Run.build(config)
     task, layout = run.task, run.layout
+    task.output_dir = workdir
     run.log_summary()
     total_steps = int(config.total_steps)
     eval_every = int(config.eval.every_steps) if config.get("eval") else 0

@@ -2,6 +2,7 @@
 
 Every batch has the same shapes (so nothing recompiles under jit): the last batch of a pass is
 padded with zero rows (``valid`` False, ``index`` -1), or dropped with its ``skipped`` count.
+With ``count_reasons`` a batch also says why: ``skipped_reasons`` (reason -> count, host only).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
         batch_size: int,
         drop_remainder: bool,
         max_consecutive_skips: int,
+        count_reasons: bool = False,
     ):
         super().__init__(parent)
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
         self._max_consecutive_skips = max_consecutive_skips
+        self._count_reasons = count_reasons
         self._template: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
 
     def __next__(self) -> dict[str, Any]:
@@ -90,7 +93,10 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                     for name, value in element.items()
                 }
             examples.append(element)
-        return _stack(examples, self._template, self._batch_size, skipped)
+        batch = _stack(examples, self._template, self._batch_size, skipped)
+        if self._count_reasons:
+            batch["skipped_reasons"] = reasons
+        return batch
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -108,6 +114,8 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
     Each batch has ``batch_size`` rows, a bool ``valid`` (False on padding rows) and ``skipped``
     (int: records skipped since the previous batch). ``drop_remainder=False`` pads the last batch.
     ``max_consecutive_skips`` stops a run whose data is all bad instead of letting it spin.
+    ``count_reasons``: each batch also has ``skipped_reasons``, a dict of ``SkippedRecord.reason``
+    -> count over the same records as ``skipped`` (host only, like ``skipped``).
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
         *,
         drop_remainder: bool = True,
         max_consecutive_skips: int = 10_000,
+        count_reasons: bool = False,
     ):
         super().__init__(parent)
         if batch_size <= 0:
@@ -124,6 +133,7 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
         self._max_consecutive_skips = max_consecutive_skips
+        self._count_reasons = count_reasons
 
     def __iter__(self) -> _SkipCountingBatchIterator:
         return _SkipCountingBatchIterator(
@@ -131,6 +141,7 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
             self._batch_size,
             self._drop_remainder,
             self._max_consecutive_skips,
+            self._count_reasons,
         )
 
     def __str__(self) -> str:

@@ -80,17 +80,10 @@ def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool =
             source_config["shards"], read_reinforcements=read_reinforcements, **options
         )
     if kind == "tfds":
-        import tensorflow_datasets as tfds
-
         name = source_config.get("tfds_name")
         if not name:
             raise ValueError("source 'tfds' needs tfds_name")
-        builder = tfds.builder(name, data_dir=data_dir)
-        if not builder.is_prepared():
-            raise FileNotFoundError(
-                f"TFDS data set {name!r} is not prepared in {builder.data_dir_root}; prepare it "
-                "first (e.g. `tfds build`) or set data_dir"
-            )
+        builder = prepared_tfds_builder(name, data_dir)
         return TfdsRecords(
             builder.as_data_source(split=split),
             features=builder.info.features,
@@ -102,6 +95,21 @@ def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool =
             ),
         )
     raise ValueError(f"unknown data source {kind!r}; choose from {SOURCES}")
+
+
+def prepared_tfds_builder(name: str, data_dir: str | None) -> Any:
+    """The TFDS builder of ``name`` (e.g. "imagenet2012", "cityscapes/semantic_segmentation");
+    raises FileNotFoundError, saying how to prepare it, when its files are not there (nothing is
+    downloaded during a run)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"TFDS data set {name!r} is not prepared in {builder.data_dir_root}; prepare it "
+            "first (e.g. `tfds build`) or set data_dir"
+        )
+    return builder
 
 
 def _field(record: Mapping[str, Any], path: str) -> Any:

@@ -13,6 +13,8 @@
 
 Each record becomes an example (:mod:`pretrain.data.examples`: crops, captions, skips, the
 task's plug-ins); :mod:`pretrain.data.batching` batches the good ones and counts the skipped.
+The two halves, :func:`ordered_records` and :func:`example_batches`, serve other example makers
+too (the dense pipeline, :mod:`pretrain.data.dense`), with the same order and checkpointing.
 
 Batch fields (``b = batch_size_per_process``, ``L`` = the tokenizer's context length):
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -113,7 +116,7 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _ordered_records(
+def ordered_records(
     source: Any,
     *,
     seed: int,
@@ -122,7 +125,17 @@ def _ordered_records(
     process_count: int,
     num_epochs: int | None,
 ) -> grain.MapDataset:
-    """This process's ``(epoch, source index, record)`` items, in the order of the docstring."""
+    """This process's ``(epoch, source index, record)`` items, in the order of the docstring.
+
+    Raises ValueError for a negative seed, a process index outside ``[0, process_count)`` or an
+    empty source.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if len(source) == 0:
+        raise ValueError("The source is empty")
     num_records = len(source)
     records = grain.MapDataset.source(source).map_with_index(
         functools.partial(_with_source_index, num_records=num_records)
@@ -172,14 +185,7 @@ def image_text_dataset(
       max_consecutive_skips: raise when this many records in a row are bad.
       workers: grain worker processes and reader threads (None: threads of this process).
     """
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if len(source) == 0:
-        raise ValueError("The source is empty")
-    workers = workers or Workers()
-    records = _ordered_records(
+    records = ordered_records(
         source,
         seed=seed,
         train=train,
@@ -196,6 +202,31 @@ def image_text_dataset(
         plugins=plugins or Plugins(),
         num_eval_captions=num_eval_captions,
     )
+    return example_batches(
+        records,
+        make_example,
+        batch_size_per_process=batch_size_per_process,
+        drop_remainder=drop_remainder,
+        max_consecutive_skips=max_consecutive_skips,
+        workers=workers,
+    )
+
+
+def example_batches(
+    records: grain.MapDataset,
+    make_example: Callable[[Any], Any],
+    *,
+    batch_size_per_process: int,
+    drop_remainder: bool = True,
+    max_consecutive_skips: int = 10_000,
+    workers: Workers | None = None,
+    count_skip_reasons: bool = False,
+) -> grain.IterDataset:
+    """Batches of ``make_example(item)`` over :func:`ordered_records`' items, made in reader
+    threads or ``workers``; ``make_example`` (picklable) returns an example dict or a
+    ``SkippedRecord``. ``count_skip_reasons``: batches also carry ``skipped_reasons``
+    (:class:`~pretrain.data.batching.SkipCountingBatchIterDataset`)."""
+    workers = workers or Workers()
     examples = records.map(make_example).to_iter_dataset(
         workers.read_options or grain.ReadOptions()
     )
@@ -204,6 +235,7 @@ def image_text_dataset(
         batch_size_per_process,
         drop_remainder=drop_remainder,
         max_consecutive_skips=max_consecutive_skips,
+        count_reasons=count_skip_reasons,
     )
     if workers.count > 0:
         _ensure_absl_flags_parsed()

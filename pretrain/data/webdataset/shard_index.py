@@ -3,7 +3,8 @@
 A sample's members go to slots by extension: ``image`` (the first ``jpg``, ``jpeg``, ``png`` or
 ``webp``, case-insensitive), ``text`` (``txt``), ``metadata`` (``json``) and DataCompDR's
 reinforcement members (see :mod:`~pretrain.data.webdataset.datacompdr`); other members are
-ignored.
+ignored. Another member layout (the dense one of :mod:`pretrain.data.dense`) indexes the same
+shards with its own ``slot_of`` and ``slots`` (:func:`index_shard`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,8 +45,16 @@ def _slot_of(extension: str) -> str | None:
     return datacompdr.SLOTS.get(extension)
 
 
-def index_shard(path: str) -> dict[str, np.ndarray]:
+def index_shard(
+    path: str,
+    *,
+    slot_of: Callable[[str], str | None] = _slot_of,
+    slots: Sequence[str] = SLOTS,
+) -> dict[str, np.ndarray]:
     """Groups members into samples: ``keys``, per slot ``<slot>_offset/_size`` (-1 absent).
+
+    ``slot_of`` maps a member's extension to one of ``slots`` (None: ignored); the defaults are
+    the image-text layout of the module docstring.
 
     Samples are ordered by the first appearance of their key; a key whose members are scattered
     through the shard is still one sample. The first member of each slot wins.
@@ -53,8 +63,8 @@ def index_shard(path: str) -> dict[str, np.ndarray]:
     for a damaged header, False for a shard that is only cut short.
     """
     order: dict[str, int] = {}
-    offsets: dict[str, list[int]] = {slot: [] for slot in SLOTS}
-    sizes: dict[str, list[int]] = {slot: [] for slot in SLOTS}
+    offsets: dict[str, list[int]] = {slot: [] for slot in slots}
+    sizes: dict[str, list[int]] = {slot: [] for slot in slots}
     damage, corrupt = "", False
     members = iter_tar_members(path)
     while True:
@@ -69,18 +79,18 @@ def index_shard(path: str) -> dict[str, np.ndarray]:
         if not key or key.endswith("/"):  # e.g. "dir/.hidden": no sample key
             continue
         sample = order.setdefault(key, len(order))
-        if sample == len(offsets["image"]):
-            for slot in SLOTS:
+        if sample == len(offsets[slots[0]]):
+            for slot in slots:
                 offsets[slot].append(MISSING)
                 sizes[slot].append(MISSING)
-        slot = _slot_of(extension)
+        slot = slot_of(extension)
         if slot is not None and offsets[slot][sample] == MISSING:
             offsets[slot][sample] = offset
             sizes[slot][sample] = size
     # Keys as bytes: a quarter of the memory of NumPy's 4-byte-per-character strings.
     encoded_keys = [key.encode("utf-8", "surrogateescape") for key in order]
     index = {"keys": np.array(encoded_keys, dtype=bytes)}
-    for slot in SLOTS:
+    for slot in slots:
         index[f"{slot}_offset"] = np.array(offsets[slot], dtype=np.int64)
         index[f"{slot}_size"] = np.array(sizes[slot], dtype=np.int64)
     index["damage"] = np.array(damage)
