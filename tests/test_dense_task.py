@@ -133,3 +133,21 @@ def test_upernet_recipes_are_tables_14_and_15():
     assert tuple(nyu.dense.eval_crop) == (45, 471, 41, 601)
     with pytest.raises(ValueError, match="unknown config argument"):
         get_config("heads=linear")
+
+
+@pytest.mark.slow
+def test_batchnorm_towers_keep_their_running_statistics_frozen(tmp_path):
+    # Fine-tuned, so the tower's parameters train while its statistics stay (about 2 minutes:
+    # the MCi tower compiles slowly on a CPU).
+    config = tiny_dense_config.get_config("tower=random,mode=finetune,head=linear")
+    config.tower.config = "configs/clip_mci0.py:runlocal"  # one block per stage, BatchNorm
+    config.total_steps = 2
+    config.eval.every_steps = 2
+    trainer.train_and_evaluate(config, str(tmp_path))
+    task, state = modes.restore_trained(config, str(tmp_path), "latest")
+    stats = jax.device_get(state["frozen"]["image_encoder"]["batch_stats"])
+    for ours, loaded in zip(
+        jax.tree.leaves(stats), jax.tree.leaves(task.tower.load_variables()["batch_stats"])
+    ):
+        np.testing.assert_array_equal(ours, loaded)
+    assert "image_encoder" in state["params"] and "image_encoder" in state["frozen"]
