@@ -1,5 +1,6 @@
 """Test set-up: eight fake CPU devices for sharding tests, set before JAX is imported anywhere,
-and a private TFDS data folder (TFDS reads TFDS_DATA_DIR when it is imported)."""
+a private TFDS data folder (TFDS reads TFDS_DATA_DIR when it is imported) and a compilation
+cache shared by the test run."""
 
 import os
 import tempfile
@@ -11,6 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Each pytest process (xdist worker) builds the small embedded data sets it needs in its own
 # folder, so concurrent builds never race.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="tfds_tests_")
+# Many tests compile the same tiny programs (in this process, in the other xdist worker and in
+# the training processes they launch): XLA's persistent cache compiles each once per test run.
+# Set by the first process (pytest's main one); workers and launched processes inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_tests_")
 
 import pytest  # noqa: E402 - after the environment above, like every import of JAX
 

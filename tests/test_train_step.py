@@ -83,12 +83,15 @@ def full_batch_gradients(config, mesh, batch):
     return jax.device_get(grad_fn(params, global_batch))
 
 
-@pytest.mark.parametrize("loss", ["clip", "sigmoid", "sigmoid_ring"])
-def test_sharded_step_equals_single_device_step(loss):
-    config = tiny_config(**{"loss.name": loss})
+SINGLE_DEVICE = {"data": 1}
+THREE_WAYS = {"data": 2, "fsdp": 2, "model": 2}
+
+
+def test_sharded_step_equals_single_device_step():
+    config = tiny_config()
     batch = random_batch(config)
-    single = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    parallel = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    single = sharding.make_mesh(SINGLE_DEVICE, devices=jax.devices()[:1])
+    parallel = sharding.make_mesh(THREE_WAYS)
     state_1, metrics_1, _ = run_one_step(config, single, batch)
     state_8, metrics_8, shardings = run_one_step(config, parallel, batch)
 
@@ -104,20 +107,31 @@ def test_sharded_step_equals_single_device_step(loss):
         "fsdp", "model"
     )
 
-    # Gradients agree tightly, each tensor relative to its own scale...
-    assert_close_at_scale(
-        without_key_biases(full_batch_gradients(config, parallel, batch)),
-        without_key_biases(full_batch_gradients(config, single, batch)),
-    )
-    # ...and so do two full AdamW steps. Adam divides each gradient by its own RMS, so where a
-    # gradient is tiny float reordering moves a parameter by a small fraction of the learning rate
-    # (2e-3 here); a sharding mistake would move whole steps.
+    # Two full AdamW steps agree. Adam divides each gradient by its own RMS, so where a gradient
+    # is tiny float reordering moves a parameter by a small fraction of the learning rate (2e-3
+    # here); a sharding mistake would move whole steps. (The gradients themselves are compared
+    # tightly, for each loss, below.)
     np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
     for key in ("params", "ema_params"):
         assert_trees_close(
             without_key_biases(state_8[key]), without_key_biases(state_1[key]), atol=4e-5
         )
     assert int(state_8["step"]) == 2
+
+
+@pytest.mark.parametrize("loss", ["clip", "sigmoid", "sigmoid_ring"])
+def test_sharded_gradients_equal_single_device_gradients(loss):
+    """Each loss over the global batch on a three-way mesh: the optimizer and EMA that follow do
+    not depend on the loss (the step test above covers them once)."""
+    config = tiny_config(**{"loss.name": loss})
+    batch = random_batch(config)
+    single = sharding.make_mesh(SINGLE_DEVICE, devices=jax.devices()[:1])
+    parallel = sharding.make_mesh(THREE_WAYS)
+    # Each tensor relative to its own scale.
+    assert_close_at_scale(
+        without_key_biases(full_batch_gradients(config, parallel, batch)),
+        without_key_biases(full_batch_gradients(config, single, batch)),
+    )
 
 
 def test_gradient_accumulation_is_exact_for_contrastive_loss():
@@ -154,11 +168,12 @@ def test_plain_gradient_accumulation_averages_microbatch_gradients():
     _, grads = jax.jit(accumulate)(params, batch)
     host_batch = jax.device_get(batch)
     expected = None
+    micro_gradients = jax.jit(jax.grad(lambda p, m: task.loss_fn(p, m, rng, 0)[0]))
     for index in range(2):  # micro-batch i holds rows i, i + 2, i + 4, ...
         micro = sharding.global_batch_from_local(
             {k: v[index::2] for k, v in host_batch.items()}, mesh
         )
-        g = jax.grad(lambda p, m: task.loss_fn(p, m, rng, 0)[0])(params, micro)
+        g = micro_gradients(params, micro)
         expected = g if expected is None else jax.tree.map(np.add, expected, g)
     expected = jax.tree.map(lambda g: np.asarray(g) / 2, expected)
     assert_close_at_scale(
