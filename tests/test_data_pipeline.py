@@ -236,7 +236,9 @@ def test_index_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     scanned = []
     real_index_shard = shard_index.index_shard
     monkeypatch.setattr(
-        shard_index, "index_shard", lambda path: scanned.append(path) or real_index_shard(path)
+        shard_index,
+        "index_shard",
+        lambda path, **kw: scanned.append(path) or real_index_shard(path, **kw),
     )
     cached = webdataset.WebDatasetSource(paths, index_cache_dir=str(cache))
     assert scanned == []

@@ -94,6 +94,31 @@ def test_make_source_passes_webdataset_options(caption_shard, tmp_path):
         )
 
 
+def test_extra_members_are_read_when_asked_and_indexed_apart(tmp_path):
+    samples = _samples(6)
+    for number, sample in enumerate(samples):
+        if number % 3:  # some samples lack the member
+            sample["seg.png"] = f"labels {number}".encode()
+    paths = webdataset.write_shards(samples, str(tmp_path / "x-%d.tar"), 3)
+    cache = str(tmp_path / "cache")
+    plain = webdataset.WebDatasetSource(paths, index_cache_dir=cache)
+    assert _records(plain) == [_expected_record(s) for s in samples]  # not indexed, not read
+    source = image_text.make_source(
+        {"source": "webdataset", "shards": paths, "index_cache_dir": cache},
+        read_members=("seg.png",),
+    )
+    records = _records(source)
+    assert [r.pop("seg.png") for r in records] == [s.get("seg.png") for s in samples]
+    assert records == _records(plain)
+    assert source.index_dir != plain.index_dir  # two layouts, two cached indexes
+    assert len(list((tmp_path / "cache").glob("*.index.npz"))) == 4
+    # Reopened from the caches (per shard and combined), both layouts read the same again.
+    again = webdataset.WebDatasetSource(paths, index_cache_dir=cache, read_members=("seg.png",))
+    assert again.index_dir == source.index_dir and again[1]["seg.png"] == b"labels 1"
+    with pytest.raises(ValueError, match="extra members"):
+        webdataset.WebDatasetSource(paths, read_members=("txt",))
+
+
 # ----------------------------------------------------------------------------- memory-mapped index
 
 
@@ -125,7 +150,7 @@ def synthetic_shards(tmp_path, monkeypatch) -> list[str]:
     monkeypatch.setattr(
         shard_index,
         "index_shard",
-        lambda path: _synthetic_shard_index(SYNTHETIC_PER_SHARD, starts[path]),
+        lambda path, **_: _synthetic_shard_index(SYNTHETIC_PER_SHARD, starts[path]),
     )
     return paths
 
@@ -155,7 +180,7 @@ def test_index_is_memory_mapped_and_pickles_as_paths(synthetic_shards):
         index = 2 * SYNTHETIC_PER_SHARD + position
         assert clone.key(index) == source.key(index) == f"{index:09d}"
         assert clone._shard_of(index) == 2
-        for name in combined_index._PER_SAMPLE_ARRAYS:
+        for name in combined_index.per_sample_arrays():
             assert clone._index[name][index] == reference[name][position], name
     assert clone.key(count - 1) == f"{count - 1:09d}"
     assert (source._index["image_offset"].dtype, clone._index["key_offsets"].dtype) == (

@@ -39,9 +39,16 @@ from pretrain.data.tokenizer import ClipTokenizer
 SOURCES = ("synthetic_scenes", "webdataset", "tfds")
 
 
-def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool = False) -> Any:
+def make_source(
+    source_config: Mapping[str, Any],
+    *,
+    read_reinforcements: bool = False,
+    read_members: tuple[str, ...] = (),
+) -> Any:
     """A random-access source (``len``, ``[i]``) for one source config; ``read_reinforcements``:
-    tar shards' records also carry their stored reinforcements (reinforced training)."""
+    tar shards' records also carry their stored reinforcements (reinforced training);
+    ``read_members``: tar shards' records also carry these members' raw bytes (e.g. the dense
+    label members of pseudo-labelled shards; ``WebDatasetSource``)."""
     kind = source_config.get("source", "")
     split = source_config.get("split", "train")
     data_dir = source_config.get("data_dir") or None
@@ -77,7 +84,10 @@ def make_source(source_config: Mapping[str, Any], *, read_reinforcements: bool =
         if source_config.get("strict") is not None:
             options["strict"] = bool(source_config["strict"])
         return WebDatasetSource(
-            source_config["shards"], read_reinforcements=read_reinforcements, **options
+            source_config["shards"],
+            read_reinforcements=read_reinforcements,
+            read_members=read_members,
+            **options,
         )
     if kind == "tfds":
         name = source_config.get("tfds_name")

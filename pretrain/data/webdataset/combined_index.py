@@ -6,8 +6,9 @@ the folder's path; start-up memory is bounded by a few in-flight per-shard index
 ``key_offsets`` (int64, n + 1 entries) and ``key_bytes`` (the UTF-8 keys end to end), twelve
 ``<slot>_offset/_size`` arrays (int32 when every shard is under 2 GiB, else int64) and, per
 shard, ``shard_starts`` (int64, shards + 1 entries): ~65 bytes for DataComp's 9-character keys
-(1B samples ~65 GB), which should fit in free RAM for fast random access. ``index.json``, written
-last, lists the shards' fingerprints and damage.
+(1B samples ~65 GB), which should fit in free RAM for fast random access; each extra member
+slot (:class:`~pretrain.data.webdataset.shard_index.IndexLayout`) adds 8 bytes. ``index.json``,
+written last, lists the slots, the shards' fingerprints and damage.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ import numpy as np
 from pretrain.data.webdataset.shard_index import INDEX_FORMAT_VERSION, SLOTS
 
 _META_FILE = "index.json"
-_PER_SAMPLE_ARRAYS = tuple(f"{slot}_{part}" for slot in SLOTS for part in ("offset", "size"))
-_COMBINED_ARRAYS = ("key_offsets", "key_bytes", "shard_starts", *_PER_SAMPLE_ARRAYS)
+_KEY_AND_SHARD_ARRAYS = ("key_offsets", "key_bytes", "shard_starts")
+
+
+def per_sample_arrays(slots: Sequence[str] = SLOTS) -> tuple[str, ...]:
+    """The per-sample arrays of an index over ``slots``: an offset and a size per slot."""
+    return tuple(f"{slot}_{part}" for slot in slots for part in ("offset", "size"))
+
 
 _logger = logging.getLogger(__name__)
 
@@ -52,9 +58,13 @@ def shard_fingerprints(paths: Sequence[str]) -> list[list[Any]]:
     return fingerprints
 
 
-def combined_index_name(fingerprints: Sequence[Sequence[Any]]) -> str:
-    """Directory name of a combined index: a hash of the format version and shard fingerprints."""
-    text = json.dumps([INDEX_FORMAT_VERSION, list(map(list, fingerprints))])
+def combined_index_name(fingerprints: Sequence[Sequence[Any]], slots: Sequence[str] = SLOTS) -> str:
+    """Directory name of a combined index: a hash of the format version, the shard fingerprints
+    and (beyond the default ones) the slots."""
+    key: list[Any] = [INDEX_FORMAT_VERSION, list(map(list, fingerprints))]
+    if tuple(slots) != SLOTS:
+        key.append(list(slots))
+    text = json.dumps(key)
     return f"webdataset-index-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
@@ -116,16 +126,19 @@ def write_combined_index(
     shards: Sequence[str],
     shard_indexes: Iterable[Mapping[str, np.ndarray]],
     fingerprints: Sequence[Sequence[Any]],
+    slots: Sequence[str] = SLOTS,
 ) -> dict[str, Any]:
     """Writes the per-shard indexes, in shard order, as one memory-mappable index; returns its meta.
 
-    ``fingerprints`` (from :func:`shard_fingerprints`) bound the offsets, which picks their dtype.
+    ``fingerprints`` (from :func:`shard_fingerprints`) bound the offsets, which picks their dtype;
+    ``slots`` are the per-shard indexes' slots.
     """
+    slot_arrays = per_sample_arrays(slots)
     largest_shard = max((size for _, size, _ in fingerprints), default=0)
     offset_dtype = np.int32 if largest_shard < 2**31 else np.int64
     writers = {
         name: _NpyAppender(os.path.join(directory, f"{name}.npy"), offset_dtype)
-        for name in _PER_SAMPLE_ARRAYS
+        for name in slot_arrays
     }
     writers["key_bytes"] = _NpyAppender(os.path.join(directory, "key_bytes.npy"), np.uint8)
     writers["key_offsets"] = _NpyAppender(os.path.join(directory, "key_offsets.npy"), np.int64)
@@ -138,7 +151,7 @@ def write_combined_index(
         )
         writers["key_offsets"].append(key_ends)
         writers["key_bytes"].append(np.frombuffer(b"".join(keys), np.uint8))
-        for name in _PER_SAMPLE_ARRAYS:
+        for name in slot_arrays:
             writers[name].append(index[name])
         shard_starts.append(shard_starts[-1] + len(keys))
         if str(index["damage"]):
@@ -150,6 +163,7 @@ def write_combined_index(
     np.save(os.path.join(directory, "shard_starts.npy"), np.array(shard_starts, np.int64))
     meta = {
         "format": INDEX_FORMAT_VERSION,
+        "slots": list(slots),
         "num_samples": shard_starts[-1],
         "fingerprints": [list(f) for f in fingerprints],
         "damaged": damaged,
@@ -169,16 +183,17 @@ def open_combined_index(directory: str) -> tuple[dict[str, Any], dict[str, np.nd
     """
     with open(os.path.join(directory, _META_FILE)) as file:
         meta = json.load(file)
+    slot_arrays = per_sample_arrays(meta["slots"])
     # Plain ndarray views of the maps (``.base`` is the np.memmap): indexing them skips the
     # np.memmap subclass machinery, a third of the time of a record lookup.
     arrays = {
         name: np.asarray(
             np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
         )
-        for name in _COMBINED_ARRAYS
+        for name in (*_KEY_AND_SHARD_ARRAYS, *slot_arrays)
     }
     count = meta["num_samples"]
-    expected = {name: count for name in _PER_SAMPLE_ARRAYS}
+    expected = {name: count for name in slot_arrays}
     expected.update(
         key_offsets=count + 1,
         key_bytes=int(arrays["key_offsets"][-1]),
@@ -190,7 +205,9 @@ def open_combined_index(directory: str) -> tuple[dict[str, Any], dict[str, np.nd
     return meta, arrays
 
 
-def _reusable_index(directory: str, fingerprints: Sequence[Sequence[Any]]) -> bool:
+def _reusable_index(
+    directory: str, fingerprints: Sequence[Sequence[Any]], slots: Sequence[str] = SLOTS
+) -> bool:
     if not os.path.exists(os.path.join(directory, _META_FILE)):
         return False
     try:
@@ -198,18 +215,22 @@ def _reusable_index(directory: str, fingerprints: Sequence[Sequence[Any]]) -> bo
     except (OSError, ValueError, KeyError) as error:  # a damaged cache is rebuilt
         _logger.warning("Ignoring unreadable combined index %s: %s", directory, error)
         return False
-    return meta["format"] == INDEX_FORMAT_VERSION and meta["fingerprints"] == [
-        list(f) for f in fingerprints
-    ]
+    return (
+        meta["format"] == INDEX_FORMAT_VERSION
+        and meta["slots"] == list(slots)
+        and meta["fingerprints"] == [list(f) for f in fingerprints]
+    )
 
 
-def _publish(building: str, final: str, fingerprints: Sequence[Sequence[Any]]) -> None:
+def _publish(
+    building: str, final: str, fingerprints: Sequence[Sequence[Any]], slots: Sequence[str] = SLOTS
+) -> None:
     """Renames a finished index into place (atomic); a valid one already there is kept."""
     try:
         os.rename(building, final)
         return
     except OSError:  # ``final`` exists: another process won the race, or a damaged copy is there
-        if _reusable_index(final, fingerprints):
+        if _reusable_index(final, fingerprints, slots):
             return
     stale = f"{final}.stale{os.getpid()}.{threading.get_ident()}"
     os.rename(final, stale)
@@ -224,19 +245,22 @@ def _remove_if_owner(directory: str, owner_pid: int) -> None:
 
 
 def cached_index_dir(
-    cache_dir: str, fingerprints: Sequence[Sequence[Any]], write: Callable[[str], None]
+    cache_dir: str,
+    fingerprints: Sequence[Sequence[Any]],
+    write: Callable[[str], None],
+    slots: Sequence[str] = SLOTS,
 ) -> str:
-    """The combined index of these shards in ``cache_dir``: reused while the shards are unchanged,
-    else made with ``write(folder)``."""
-    final = os.path.join(cache_dir, combined_index_name(fingerprints))
-    if _reusable_index(final, fingerprints):
+    """The combined index of these shards (over ``slots``) in ``cache_dir``: reused while the
+    shards are unchanged, else made with ``write(folder)``."""
+    final = os.path.join(cache_dir, combined_index_name(fingerprints, slots))
+    if _reusable_index(final, fingerprints, slots):
         return final
     os.makedirs(cache_dir, exist_ok=True)
     # Built under a private name and renamed: readers never see a half-written index.
     building = tempfile.mkdtemp(prefix=".building-", dir=cache_dir)
     try:
         write(building)
-        _publish(building, final, fingerprints)
+        _publish(building, final, fingerprints, slots)
     finally:
         shutil.rmtree(building, ignore_errors=True)  # already gone after a rename
     return final

@@ -3,12 +3,15 @@
 A sample's members go to slots by extension: ``image`` (the first ``jpg``, ``jpeg``, ``png`` or
 ``webp``, case-insensitive), ``text`` (``txt``), ``metadata`` (``json``) and DataCompDR's
 reinforcement members (see :mod:`~pretrain.data.webdataset.datacompdr`); other members are
-ignored. Another member layout (the dense one of :mod:`pretrain.data.dense`) indexes the same
-shards with its own ``slot_of`` and ``slots`` (:func:`index_shard`).
+ignored unless an :class:`IndexLayout` names them (``extra_members``: each its own slot, e.g. the
+dense label members of pseudo-labelled shards). Another member layout (the dense one of
+:mod:`pretrain.data.dense`) indexes the same shards with its own ``slot_of`` and ``slots``
+(:func:`index_shard`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,7 +32,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSION = "txt"
 METADATA_EXTENSION = "json"
 SLOTS = ("image", "text", "metadata", *datacompdr.SLOTS.values())
-INDEX_FORMAT_VERSION = 3  # 2: per-shard indexes record damage; 3: DataCompDR members
+INDEX_FORMAT_VERSION = 4  # 2: damage recorded; 3: DataCompDR members; 4: slots in the meta
 MISSING = -1  # the offset and size of a member a sample does not have
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +46,38 @@ def _slot_of(extension: str) -> str | None:
     if extension == METADATA_EXTENSION:
         return "metadata"
     return datacompdr.SLOTS.get(extension)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexLayout:
+    """Which members an image-text index records: the slots of the module docstring plus
+    ``extra_members`` (full extensions such as ``"seg.png"``, each indexed under its own name).
+    Indexes of different layouts are cached apart; the default layout adds nothing, so that
+    sources which never read other members keep their index as small as it is."""
+
+    extra_members: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        clashing = [m for m in self.extra_members if m in SLOTS or _slot_of(m) is not None]
+        if clashing or len(set(self.extra_members)) != len(self.extra_members):
+            raise ValueError(f"extra members must be new and distinct, got {self.extra_members}")
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return (*SLOTS, *self.extra_members)
+
+    @property
+    def tag(self) -> str:
+        """Empty for the default layout, else a short digest of the extra members (cache names)."""
+        if not self.extra_members:
+            return ""
+        return hashlib.sha1("\n".join(self.extra_members).encode()).hexdigest()[:8]
+
+    def slot_of(self, extension: str) -> str | None:
+        return extension if extension in self.extra_members else _slot_of(extension)
+
+
+IMAGE_TEXT = IndexLayout()
 
 
 def index_shard(
@@ -103,20 +138,27 @@ def _shard_fingerprint(path: str) -> np.ndarray:
     return np.array([INDEX_FORMAT_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
 
 
-def _cache_path(path: str, cache_dir: str | None, next_to_shard: bool) -> str | None:
+def _cache_path(
+    path: str, cache_dir: str | None, next_to_shard: bool, layout: IndexLayout
+) -> str | None:
+    suffix = f".{layout.tag}.index.npz" if layout.tag else ".index.npz"
     if next_to_shard:
-        return f"{path}.index.npz"
+        return f"{path}{suffix}"
     if cache_dir:
         digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-        return os.path.join(cache_dir, f"{os.path.basename(path)}.{digest}.index.npz")
+        return os.path.join(cache_dir, f"{os.path.basename(path)}.{digest}{suffix}")
     return None
 
 
 def load_or_build_shard_index(
-    path: str, *, cache_dir: str | None = None, cache_next_to_shard: bool = False
+    path: str,
+    *,
+    cache_dir: str | None = None,
+    cache_next_to_shard: bool = False,
+    layout: IndexLayout = IMAGE_TEXT,
 ) -> dict[str, np.ndarray]:
     """Reads a cached index if it matches the shard's size and mtime, else scans and caches it."""
-    cache = _cache_path(path, cache_dir, cache_next_to_shard)
+    cache = _cache_path(path, cache_dir, cache_next_to_shard, layout)
     fingerprint = _shard_fingerprint(path)
     if cache and os.path.exists(cache):
         try:
@@ -125,7 +167,7 @@ def load_or_build_shard_index(
                     return {name: stored[name] for name in stored.files if name != "fingerprint"}
         except (OSError, ValueError, KeyError) as error:  # a damaged cache is rebuilt
             _logger.warning("Ignoring unreadable index cache %s: %s", cache, error)
-    index = index_shard(path)
+    index = index_shard(path, slot_of=layout.slot_of, slots=layout.slots)
     if cache:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
         temporary = f"{cache}.tmp{os.getpid()}.{threading.get_ident()}.npz"

@@ -29,7 +29,11 @@ import numpy as np
 from pretrain.data import records
 from pretrain.data.webdataset import combined_index, datacompdr
 from pretrain.data.webdataset.handles import FileHandles
-from pretrain.data.webdataset.shard_index import MISSING, load_or_build_shard_index
+from pretrain.data.webdataset.shard_index import (
+    MISSING,
+    IndexLayout,
+    load_or_build_shard_index,
+)
 from pretrain.data.webdataset.shards import resolve_shards
 from pretrain.data.webdataset.tar import CorruptShardError
 
@@ -91,6 +95,9 @@ class WebDatasetSource:
         DataCompDR members (see :mod:`~pretrain.data.webdataset.datacompdr`): the record fields
         named in :mod:`pretrain.data.records`, present when the sample has the member, or
         ``malformed_reinforcement`` (a message) when one cannot be parsed; off, they are not read.
+      read_members: further members (full extensions, e.g. the dense label members
+        ``"seg.png"``, ``"depth.png"``: pseudo-labelled shards) whose raw bytes records carry
+        under their own names (None when a sample lacks one); indexed only when asked for.
 
     A missing or unreadable shard raises ``FileNotFoundError`` at construction (a configuration
     error). A cached index is reused only while the shards' sizes and modification times are
@@ -116,6 +123,7 @@ class WebDatasetSource:
         max_open_files: int = 128,
         strict: bool = False,
         read_reinforcements: bool = False,
+        read_members: Sequence[str] = (),
     ):
         if txt_captions not in ("lines", "single"):
             raise ValueError(f"txt_captions must be 'lines' or 'single', got {txt_captions!r}")
@@ -129,11 +137,16 @@ class WebDatasetSource:
         self.max_open_files = max_open_files
         self.strict = strict
         self.read_reinforcements = read_reinforcements
+        layout = IndexLayout(tuple(read_members))
+        self.read_members = layout.extra_members
         fingerprints = combined_index.shard_fingerprints(self.shards)
 
         def shard_index(path: str) -> dict[str, np.ndarray]:
             index = load_or_build_shard_index(
-                path, cache_dir=index_cache_dir, cache_next_to_shard=cache_index_next_to_shards
+                path,
+                cache_dir=index_cache_dir,
+                cache_next_to_shard=cache_index_next_to_shards,
+                layout=layout,
             )
             if strict and bool(index["corrupt"]):  # stop before scanning the other shards
                 raise CorruptShardError(str(index["damage"]))
@@ -142,10 +155,14 @@ class WebDatasetSource:
         def write(directory: str) -> None:
             threads = max(1, min(index_threads, len(self.shards)))
             per_shard = combined_index.ordered_shard_indexes(self.shards, shard_index, threads)
-            combined_index.write_combined_index(directory, self.shards, per_shard, fingerprints)
+            combined_index.write_combined_index(
+                directory, self.shards, per_shard, fingerprints, layout.slots
+            )
 
         if index_cache_dir:
-            self.index_dir = combined_index.cached_index_dir(index_cache_dir, fingerprints, write)
+            self.index_dir = combined_index.cached_index_dir(
+                index_cache_dir, fingerprints, write, layout.slots
+            )
         else:
             self.index_dir = combined_index.private_index_dir(self, write)
         meta, self._index = combined_index.open_combined_index(self.index_dir)
@@ -217,6 +234,8 @@ class WebDatasetSource:
             "captions": captions,
             "metadata": metadata,
         }
+        for member in self.read_members:
+            record[member] = self._payload(member, index, shard)
         if not self.read_reinforcements:  # plain training: no npz parsing on the hot path
             return record
         try:
