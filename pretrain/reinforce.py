@@ -26,11 +26,8 @@ records). With several processes, process ``p`` writes the shards ``k`` with ``k
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import tarfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,16 +35,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from models.two_tower import TwoTowerModel
+from pretrain.batched import apply_in_batches
 from pretrain.components.runs import restore_run_variables
 from pretrain.components.teachers import build_teacher
-from pretrain.data import examples, image_text, records, transforms
+from pretrain.data import image_text, transforms
 from pretrain.data.tokenizer import ClipTokenizer
-from pretrain.data.webdataset import datacompdr, write_shards
+from pretrain.data.webdataset import datacompdr
+from pretrain.data.webdataset.shard_job import check_same_job, run_shard_job, write_shard
+from pretrain.data.webdataset.source_samples import SourceSample, source_sample
 
 MANIFEST = "reinforcement.json"
 SHARD_PATTERN = "reinforced-%05d.tar"
@@ -148,45 +147,12 @@ def load_teachers(teachers_config: ConfigDict, order: Sequence[str] = ()) -> lis
     return loaded
 
 
-def _batched(function: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """``function`` over ``inputs`` in fixed-size batches (the last padded: one compilation)."""
-    outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        rows = len(chunk)
-        if rows < batch_size:
-            padding = np.zeros((batch_size - rows, *chunk.shape[1:]), chunk.dtype)
-            chunk = np.concatenate([chunk, padding])
-        outputs.append(np.asarray(function(chunk))[:rows])
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-
-
 @dataclasses.dataclass
 class PreparedRecord:
-    """A source record ready to embed: its image, captions and crop boxes."""
+    """A source record ready to embed: the sample it becomes and its crop boxes."""
 
-    key: str
-    image: PIL.Image.Image
-    image_payload: tuple[str, bytes]
-    captions: list[str]
-    synthetic_captions: list[str]
+    sample: SourceSample
     boxes: list[tuple[int, int, int, int]]
-    metadata: dict[str, Any]
-
-
-def _one_line(caption: str) -> str:
-    # Written one caption per line: a caption's own line breaks would split it on reading.
-    return " ".join(caption.split())
-
-
-def _image_payload(raw: Any, image: PIL.Image.Image, format_name: str | None) -> tuple[str, bytes]:
-    """The image member (extension, bytes): the original encoded bytes when there are some."""
-    extensions = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-    if isinstance(raw, bytes | bytearray) and format_name in extensions:
-        return extensions[format_name], bytes(raw)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "png", buffer.getvalue()
 
 
 def prepare_record(
@@ -199,61 +165,48 @@ def prepare_record(
     crop_ratio: Sequence[float],
 ) -> PreparedRecord | str:
     """A record with its sampled crop boxes, or the reason it is skipped (the example maker's)."""
-    raw, captions = records.image_and_captions(record)
-    captions = [_one_line(c) for c in captions]
-    if not records.has_image(raw):
-        return examples.MISSING_IMAGE
-    if not captions:
-        return examples.EMPTY_CAPTION
-    try:
-        image = transforms.decode_to_pil(raw)
-        format_name = PIL.Image.open(io.BytesIO(raw)).format if isinstance(raw, bytes) else None
-    except transforms.CorruptImageError:
-        return examples.CORRUPT_IMAGE
+    sample = source_sample(index, record)
+    if isinstance(sample, str):
+        return sample
     rng = np.random.default_rng([seed, index])
     scale, ratio = tuple(crop_scale), tuple(crop_ratio)
+    height, width = sample.image.height, sample.image.width
     boxes = [
-        transforms.sample_crop_box(image.height, image.width, rng, scale, ratio)
+        transforms.sample_crop_box(height, width, rng, scale, ratio)
         for _ in range(num_augmentations)
     ]
-    metadata = dict(record.get("metadata") or {})
-    if "label" in record:
-        metadata["label"] = int(record["label"])
-    synthetic = [_one_line(c) for c in records.caption_list(record.get(records.SYNTHETIC_CAPTIONS))]
-    return PreparedRecord(
-        key=str(record.get("key") or f"{index:09d}"),
-        image=image,
-        image_payload=_image_payload(raw, image, format_name),
-        captions=captions,
-        synthetic_captions=synthetic,
-        boxes=boxes,
-        metadata=metadata,
-    )
+    return PreparedRecord(sample, boxes)
 
 
 def embed_records(
     records: Sequence[PreparedRecord], teachers: Sequence[LoadedTeacher], batch_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per record ``(image_emb (A, D), text_emb (T, D))``: the teachers side by side."""
+    if not records:  # a shard whose records were all skipped
+        return []
     image_parts, text_parts = [], []
     for teacher in teachers:
         size = teacher.image_size
         views = np.stack(
             [
-                transforms.crop_and_resize(record.image, box, size)
+                transforms.crop_and_resize(record.sample.image, box, size)
                 for record in records
                 for box in record.boxes
             ]
         )
-        texts = [c for record in records for c in (*record.captions, *record.synthetic_captions)]
+        texts = [
+            c
+            for record in records
+            for c in (*record.sample.captions, *record.sample.synthetic_captions)
+        ]
         tokens = np.asarray(teacher.tokenizer(texts), np.int32)
-        image_parts.append(_batched(teacher.encode_images, views, batch_size))
-        text_parts.append(_batched(teacher.encode_texts, tokens, batch_size))
+        image_parts.append(apply_in_batches(teacher.encode_images, views, batch_size))
+        text_parts.append(apply_in_batches(teacher.encode_texts, tokens, batch_size))
     images, texts = np.concatenate(image_parts, axis=1), np.concatenate(text_parts, axis=1)
     out, image_row, text_row = [], 0, 0
     for record in records:
         views = len(record.boxes)
-        count = len(record.captions) + len(record.synthetic_captions)
+        count = len(record.sample.captions) + len(record.sample.synthetic_captions)
         out.append((images[image_row : image_row + views], texts[text_row : text_row + count]))
         image_row, text_row = image_row + views, text_row + count
     return out
@@ -263,14 +216,10 @@ def shard_sample(
     record: PreparedRecord, image_emb: np.ndarray, text_emb: np.ndarray, dtype: str
 ) -> dict[str, Any]:
     """The webdataset members of one reinforced sample."""
-    extension, payload = record.image_payload
     return {
-        "__key__": record.key,
-        extension: payload,
-        "txt": "\n".join(record.captions),
-        "json": record.metadata,
+        **record.sample.members(),
         **datacompdr.reinforcement_members(
-            record.synthetic_captions, record.boxes, image_emb, text_emb, dtype
+            record.sample.synthetic_captions, record.boxes, image_emb, text_emb, dtype
         ),
     }
 
@@ -293,20 +242,8 @@ def _make_shard(
             prepared.append(outcome)
     embeddings = embed_records(prepared, teachers, int(settings.batch_size))
     dtype = str(settings.storage_dtype)
-    _write_shard([shard_sample(r, *e, dtype) for r, e in zip(prepared, embeddings)], path)
+    write_shard([shard_sample(r, *e, dtype) for r, e in zip(prepared, embeddings)], path)
     return {"written": len(prepared), "skipped": skipped}
-
-
-def _write_shard(samples: Sequence[dict[str, Any]], path: Path) -> None:
-    """One whole shard at ``path``, renamed into place when complete (possibly empty)."""
-    partial = path.with_name(f"{path.name}.part")
-    if samples:
-        write_shards(samples, f"{partial}.%d", len(samples))
-        os.replace(f"{partial}.0", path)
-    else:
-        with tarfile.open(partial, "w"):
-            pass
-        os.replace(partial, path)
 
 
 JOB_FILE = "reinforce_job.json"
@@ -339,24 +276,6 @@ def job_description(settings: ConfigDict) -> dict[str, Any]:
     )
 
 
-def check_same_job(output: Path, description: dict[str, Any]) -> None:
-    """Shards of an earlier job are reused only when that job was this one (same data, teachers
-    and augmentations): mixing two would silently pair wrong embeddings."""
-    path = output / JOB_FILE
-    if path.exists():
-        earlier = json.loads(path.read_text())
-        if earlier != description:
-            changed = sorted(
-                k for k in set(earlier) | set(description) if earlier.get(k) != description.get(k)
-            )
-            raise ValueError(
-                f"{output} holds shards of another reinforcement job (differs in {changed}): "
-                "choose another reinforce.output_dir or remove it"
-            )
-    else:
-        path.write_text(json.dumps(description, indent=1))
-
-
 def is_complete(output_dir: str | os.PathLike) -> bool:
     """Whether a reinforcement job finished writing ``output_dir``."""
     return (Path(output_dir) / MANIFEST).exists()
@@ -369,40 +288,20 @@ def reinforce(
     settings = config.reinforce
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    check_same_job(output, job_description(settings))
+    check_same_job(output, JOB_FILE, job_description(settings))
     # Synthetic captions already in the source's shards (syn.json) are kept.
     source = image_text.make_source(settings.source, read_reinforcements=True)
     teachers = load_teachers(settings.teachers, settings.get("ensemble_order") or ())
-    per_shard = int(settings.samples_per_shard)
-    num_shards = -(-len(source) // per_shard)
-    written = skipped = 0
-    skip_reasons: dict[str, int] = {}
-    started = time.time()
-    for shard in range(process_index, num_shards, process_count):
-        path = output / (SHARD_PATTERN % shard)
-        counts_path = output / f"{path.name}.counts.json"
-        if path.exists() and counts_path.exists():  # done by an earlier (interrupted) job
-            counts = json.loads(counts_path.read_text())
-        else:
-            records = range(shard * per_shard, min((shard + 1) * per_shard, len(source)))
-            counts = _make_shard(path, source, records, teachers, settings)
-            counts_path.write_text(json.dumps(counts))
-        written += counts["written"]
-        for reason, count in counts["skipped"].items():
-            skip_reasons[reason] = skip_reasons.get(reason, 0) + count
-            skipped += count
-        elapsed = time.time() - started
-        done = (shard - process_index) // process_count + 1
-        total = len(range(process_index, num_shards, process_count))
-        logging.info(
-            "reinforced shard %d/%d (%d samples so far, %d skipped) %.0f s, ETA %.0f s",
-            done,
-            total,
-            written,
-            skipped,
-            elapsed,
-            elapsed / done * (total - done),
-        )
+    totals = run_shard_job(
+        output,
+        num_records=len(source),
+        per_shard=int(settings.samples_per_shard),
+        shard_pattern=SHARD_PATTERN,
+        make_shard=lambda path, records: _make_shard(path, source, records, teachers, settings),
+        process_index=process_index,
+        process_count=process_count,
+        what="reinforced shard",
+    )
     manifest = {
         "teachers": [
             {"name": t.name, "embed_dim": t.embed_dim, "spec": t.spec.to_dict()} for t in teachers
@@ -410,9 +309,9 @@ def reinforce(
         "embed_dim": sum(t.embed_dim for t in teachers),
         "num_teachers": len(teachers),
         "num_augmentations": int(settings.num_augmentations),
-        "num_shards": num_shards,
-        "written": written,
-        "skipped": skip_reasons,
+        "num_shards": totals["num_shards"],
+        "written": totals["written"],
+        "skipped": totals["skipped"],
         "storage_dtype": str(settings.storage_dtype),
     }
     if process_count == 1:

@@ -195,6 +195,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
     return global_batch_size // jax.process_count()
 
 
+def local_batch_multiple(mesh: Mesh, grad_accum_steps: int = 1) -> int:
+    """The rows a process's batch must be a multiple of, for the global batch to split over the
+    data-parallel devices and the accumulation steps (variable-size batches)."""
+    shards = data_parallel_size(mesh) * grad_accum_steps
+    return max(1, shards // jax.process_count())
+
+
 def check_processes_own_distinct_rows(mesh: Mesh) -> None:
     """Each process must feed its own rows of the batch (its data shard): fail at start-up when
     two processes' devices hold the same rows, i.e. when the ``model`` axis spans hosts."""

@@ -16,6 +16,7 @@ import jax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from pretrain import sharding
 from pretrain.data import image_text
 
 Params = Any
@@ -148,6 +149,9 @@ class Task(abc.ABC):
             seed=int(self.config.seed),
             process_index=process_index,
             process_count=process_count,
+            batch_multiple=sharding.local_batch_multiple(
+                self.mesh, int(self.config.get("grad_accum_steps", 1))
+            ),
             **self.train_data_options(),
         )
 

@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 from losses.distill import ImageTextEmbeddings, ReinforcedLossWeights, reinforced_clip_loss
 from pretrain import sharding
 from pretrain.components.reinforcements import ReinforcementFields
+from pretrain.data.webdataset.shard_job import check_same_job
 
 TEACHER_FIELDS = ("teacher_image", "teacher_text", "teacher_synthetic_text")
 
@@ -160,7 +161,9 @@ def prepare_reinforced_data(config: ConfigDict) -> None:
 
     if reinforce.is_complete(settings.output_dir):
         # Made earlier: by this very job (same data, teachers, views), else it is an error.
-        reinforce.check_same_job(Path(settings.output_dir), reinforce.job_description(settings))
+        check_same_job(
+            Path(settings.output_dir), reinforce.JOB_FILE, reinforce.job_description(settings)
+        )
         return
     if jax.process_index() == 0:
         logging.info("making the reinforced shards in %s", settings.output_dir)

@@ -74,7 +74,7 @@ class ReinforcementFields:
         crop = _stored_view_crop(record, view, num_views=images.shape[0])
         if isinstance(crop, Skip):
             return crop
-        return RecordFields(fields, texts, crop)
+        return RecordFields(fields=fields, texts=texts, crop=crop)
 
 
 def _stored_view_crop(

@@ -6,8 +6,13 @@ tokenised. Evaluation: resize + centre crop, the first caption. What a task adds
 comes from :class:`Plugins`: picklable callables run on every example, each with its own random
 stream, so that adding one changes no crop or caption draw.
 
+A record plug-in may also give per-pixel maps (:class:`PixelMap`, e.g. dense pseudo-labels)
+that follow the image: the same crop box, resampled by nearest neighbour
+(:mod:`pretrain.data.pixel_maps`), mirrored with it.
+
 A record with no image, an undecodable image or no non-blank caption (when a caption is needed),
-or one a record plug-in rejects, becomes a :class:`SkippedRecord` with the reason.
+one a record plug-in rejects, or one whose maps do not have its image's aspect ratio, becomes a
+:class:`SkippedRecord` with the reason.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data import records, transforms
+from pretrain.data import pixel_maps, records, transforms
 
 # Skip reasons of the example maker itself (record plug-ins add their own).
 MISSING_IMAGE, CORRUPT_IMAGE, EMPTY_CAPTION = "missing_image", "corrupt_image", "empty_caption"
+MAP_SIZE_MISMATCH = "map_size_mismatch"
 CAPTION_CHOICES = ("random", "first")
 
 # The random streams of an example (crop and caption, and the record plug-in's: training only),
@@ -59,13 +65,28 @@ class RecordCrop:
 
 
 @dataclasses.dataclass(frozen=True)
+class PixelMap:
+    """A per-pixel field of a record that follows the image's crop and flip (e.g. a dense
+    pseudo-label): ``array`` (h, w) or (h, w, c) at any resolution with the image's aspect ratio
+    (a 1 x 1 array is a constant map, e.g. "no label here"), resampled by nearest neighbour to the
+    example's size divided by ``stride``; mirrored with the image, channel 0 negated too with
+    ``negate_x_on_flip`` (a surface normal's x)."""
+
+    array: np.ndarray
+    stride: int = 1
+    negate_x_on_flip: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class RecordFields:
     """What a record plug-in adds to a training example: ``fields`` as they are, ``texts``
-    (field name -> text) tokenised with the pipeline's tokenizer, and optionally the crop."""
+    (field name -> text) tokenised with the pipeline's tokenizer, optionally the crop, and
+    ``maps`` that follow the image's geometry."""
 
     fields: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     texts: Mapping[str, str] = dataclasses.field(default_factory=dict)
     crop: RecordCrop | None = None
+    maps: Mapping[str, PixelMap] = dataclasses.field(default_factory=dict)
 
 
 # Training's per-record hook, e.g. reinforced training's stored teacher embeddings:
@@ -159,6 +180,19 @@ class ExampleMaker:
         )
         self._skips_logged = 0
 
+    def at_size(self, image_size: int) -> ExampleMaker:
+        """The same maker for another output size (variable-resolution batches): the same
+        records give the same crops, captions and fields, resampled to ``image_size``."""
+        return ExampleMaker(
+            train=self.train,
+            image_size=image_size,
+            tokenizer=self.tokenizer,
+            seed=self.seed,
+            augmentation=self.augmentation,
+            plugins=self.plugins,
+            num_eval_captions=self.num_eval_captions,
+        )
+
     def _rng(self, stream: int, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, stream, epoch, index])
 
@@ -194,15 +228,26 @@ class ExampleMaker:
             image = transforms.decode_to_pil(image_data, min_side=min_side)
         except transforms.CorruptImageError as error:
             return self._skip(index, Skip(CORRUPT_IMAGE, str(error)))
+        maps: dict[str, np.ndarray] = {}
         if not self.train:
             pixels = transforms.resize_center_crop(image, self.image_size)
-        elif added.crop is not None:
-            if not transforms.box_inside(added.crop.box, image.height, image.width):
-                return self._skip(index, added.crop.skip_if_outside)
-            pixels = transforms.crop_and_resize(image, added.crop.box, self.image_size)
         else:
-            pixels = self._random_crop(image, rng)
-        example = {"image": pixels, "index": np.int64(index)}
+            if added.crop is not None:
+                if not transforms.box_inside(added.crop.box, image.height, image.width):
+                    return self._skip(index, added.crop.skip_if_outside)
+                box, flip = added.crop.box, False
+            else:
+                box, flip = self._random_box_and_flip(image, rng)
+            pixels = transforms.crop_and_resize(image, box, self.image_size)
+            if flip:
+                pixels = pixel_maps.mirror(pixels)
+            image_hw = (image.height, image.width)
+            for name, pixel_map in added.maps.items():
+                if not pixel_maps.has_aspect_of(pixel_map.array.shape[:2], image_hw):
+                    detail = f"{name} {pixel_map.array.shape[:2]} vs image {image_hw}"
+                    return self._skip(index, Skip(MAP_SIZE_MISMATCH, detail))
+                maps[name] = self._follow(pixel_map, box, image_hw, flip)
+        example = {"image": pixels, "index": np.int64(index), **maps}
         example.update(self._added_fields(captions[caption_index] if captions else "", added))
         if self.plugins.example_extras is not None:
             example.update(self.plugins.example_extras(self._rng(EXTRAS_STREAM, epoch, index)))
@@ -217,15 +262,32 @@ class ExampleMaker:
         pick = int(rng.integers(len(captions))) if captions else 0
         return pick if self.augmentation.caption_choice == "random" else 0
 
-    def _random_crop(self, image: Any, rng: np.random.Generator) -> np.ndarray:
+    def _random_box_and_flip(
+        self, image: Any, rng: np.random.Generator
+    ) -> tuple[tuple[int, int, int, int], bool]:
+        """torchvision's RandomResizedCrop box, and whether the crop is mirrored."""
         augmentation = self.augmentation
-        pixels = transforms.random_resized_crop(
-            image, self.image_size, rng, augmentation.crop_scale, augmentation.crop_ratio
+        box = transforms.sample_crop_box(
+            image.height, image.width, rng, augmentation.crop_scale, augmentation.crop_ratio
         )
         # Drawn after the crop, so that enabling flips changes no crop.
-        if augmentation.horizontal_flip and rng.random() < 0.5:
-            pixels = np.ascontiguousarray(pixels[:, ::-1])
-        return pixels
+        return box, bool(augmentation.horizontal_flip and rng.random() < 0.5)
+
+    def _follow(
+        self,
+        pixel_map: PixelMap,
+        box: tuple[int, int, int, int],
+        image_hw: tuple[int, int],
+        flip: bool,
+    ) -> np.ndarray:
+        """A map under the image's crop box, at the example's size / its stride, mirrored."""
+        side = max(1, self.image_size // pixel_map.stride)
+        array = pixel_maps.crop_resize_nearest(pixel_map.array, box, image_hw, (side, side))
+        if not flip:
+            return array
+        if pixel_map.negate_x_on_flip:
+            return pixel_maps.mirror_normals(array)
+        return pixel_maps.mirror(array)
 
     def _added_fields(self, caption: str, added: RecordFields) -> dict[str, Any]:
         """The chosen caption's tokens and fields, then a record plug-in's texts and fields."""

@@ -35,6 +35,7 @@ from pretrain.data.examples import (
     RecordPlugin,
 )
 from pretrain.data.tokenizer import ClipTokenizer
+from pretrain.data.variable_batches import resolution_schedule
 
 SOURCES = ("synthetic_scenes", "webdataset", "tfds")
 
@@ -197,12 +198,17 @@ def train_dataset(
     caption_fields: CaptionFields | None = None,
     example_extras: ExampleExtras | None = None,
     record_fields: RecordPlugin | None = None,
+    batch_multiple: int = 1,
 ) -> Any:
     """The training stream of ``config.data``: shuffled, cropped (and flipped with
     ``random_horizontal_flip``), per process; tokenised with ``context_length`` (None: no text).
 
     ``source`` replaces ``make_source(data_config.train)`` (e.g. a subset, or tar shards read
     with their reinforcements); the plug-ins add the task's fields (see ``examples.Plugins``).
+    ``data_config.variable_resolution`` (``enabled``, ``min_scale``, ``max_scale``,
+    ``num_sizes``, ``multiple``): batches at several sizes around ``image_size``, each holding
+    about ``batch_size`` images' pixels in a multiple of ``batch_multiple`` rows
+    (pretrain/data/variable_batches.py).
     """
     train_config = data_config.train
     augmentation = Augmentation(
@@ -211,12 +217,26 @@ def train_dataset(
         horizontal_flip=bool(data_config.get("random_horizontal_flip", False)),
         caption_choice=train_config.get("caption_choice", "random"),
     )
+    image_size = int(image_size or data_config.image_size)
+    variable = data_config.get("variable_resolution")
+    resolutions = None
+    if variable and variable.get("enabled"):
+        resolutions = resolution_schedule(
+            image_size,
+            batch_size,
+            min_scale=float(variable.min_scale),
+            max_scale=float(variable.max_scale),
+            num_sizes=int(variable.num_sizes),
+            multiple=int(variable.multiple),
+            batch_multiple=batch_multiple,
+            seed=seed,
+        )
     return pipeline.image_text_dataset(
         make_source(train_config) if source is None else source,
         batch_size_per_process=batch_size,
         seed=seed,
         train=True,
-        image_size=int(image_size or data_config.image_size),
+        image_size=image_size,
         tokenizer=None if context_length is None else ClipTokenizer(context_length),
         process_index=process_index,
         process_count=process_count,
@@ -225,6 +245,7 @@ def train_dataset(
         workers=pipeline.Workers(
             count=int(data_config.worker_count), buffer_size=int(data_config.worker_buffer_size)
         ),
+        resolutions=resolutions,
     )
 
 

@@ -56,6 +56,7 @@ import numpy as np
 
 from pretrain.data.batching import SkipCountingBatchIterDataset
 from pretrain.data.examples import Augmentation, ExampleMaker, Plugins, Tokenizer
+from pretrain.data.variable_batches import ResolutionSchedule, VariableResolutionBatchIterDataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,7 @@ def image_text_dataset(
     drop_remainder: bool = True,
     max_consecutive_skips: int = 10_000,
     workers: Workers | None = None,
+    resolutions: ResolutionSchedule | None = None,
 ) -> grain.IterDataset:
     """The per-process image-text batch stream; see the module docstring for order and fields.
 
@@ -184,6 +186,9 @@ def image_text_dataset(
       drop_remainder: drop (True) or pad (False, with ``valid``) the last partial batch.
       max_consecutive_skips: raise when this many records in a row are bad.
       workers: grain worker processes and reader threads (None: threads of this process).
+      resolutions: training only: batches at several sizes and batch sizes
+        (pretrain/data/variable_batches.py) instead of ``image_size`` and
+        ``batch_size_per_process``.
     """
     records = ordered_records(
         source,
@@ -209,6 +214,7 @@ def image_text_dataset(
         drop_remainder=drop_remainder,
         max_consecutive_skips=max_consecutive_skips,
         workers=workers,
+        resolutions=resolutions if train else None,
     )
 
 
@@ -221,22 +227,30 @@ def example_batches(
     max_consecutive_skips: int = 10_000,
     workers: Workers | None = None,
     count_skip_reasons: bool = False,
+    resolutions: ResolutionSchedule | None = None,
 ) -> grain.IterDataset:
     """Batches of ``make_example(item)`` over :func:`ordered_records`' items, made in reader
     threads or ``workers``; ``make_example`` (picklable) returns an example dict or a
     ``SkippedRecord``. ``count_skip_reasons``: batches also carry ``skipped_reasons``
-    (:class:`~pretrain.data.batching.SkipCountingBatchIterDataset`)."""
+    (:class:`~pretrain.data.batching.SkipCountingBatchIterDataset`). With ``resolutions`` the
+    batches vary in size (:mod:`pretrain.data.variable_batches`; ``make_example.at_size``)."""
     workers = workers or Workers()
-    examples = records.map(make_example).to_iter_dataset(
-        workers.read_options or grain.ReadOptions()
-    )
-    batches = SkipCountingBatchIterDataset(
-        examples,
-        batch_size_per_process,
-        drop_remainder=drop_remainder,
-        max_consecutive_skips=max_consecutive_skips,
-        count_reasons=count_skip_reasons,
-    )
+    read_options = workers.read_options or grain.ReadOptions()
+    if resolutions is not None:
+        batches = VariableResolutionBatchIterDataset(
+            records.to_iter_dataset(read_options),
+            make_example,
+            resolutions,
+            max_consecutive_skips=max_consecutive_skips,
+        )
+    else:
+        batches = SkipCountingBatchIterDataset(
+            records.map(make_example).to_iter_dataset(read_options),
+            batch_size_per_process,
+            drop_remainder=drop_remainder,
+            max_consecutive_skips=max_consecutive_skips,
+            count_reasons=count_skip_reasons,
+        )
     if workers.count > 0:
         _ensure_absl_flags_parsed()
         batches = batches.mp_prefetch(

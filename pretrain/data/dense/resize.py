@@ -2,10 +2,9 @@
 targets alike.
 
 Images are resampled bilinearly by PIL; targets (class maps, depth, normals) by nearest
-neighbour, so that an invalid or unlabelled pixel is never blended with a valid one and a class
-map holds only classes of its source. Both sample at pixel centres (output pixel ``i`` of ``n``
-looks at input position ``(i + 0.5) * in / n``), so image and targets stay aligned. Sizes are
-``(height, width)``; arrays are (H, W) or (H, W, C).
+neighbour (:mod:`pretrain.data.pixel_maps`, re-exported here). Both sample at pixel centres
+(output pixel ``i`` of ``n`` looks at input position ``(i + 0.5) * in / n``), so image and
+targets stay aligned. Sizes are ``(height, width)``; arrays are (H, W) or (H, W, C).
 """
 
 from __future__ import annotations
@@ -15,27 +14,24 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from pretrain.data.pixel_maps import mirror, mirror_normals, nearest_indices, resize_nearest
+
+__all__ = [
+    "crop_or_pad",
+    "crop_origin",
+    "mirror",
+    "mirror_normals",
+    "nearest_indices",
+    "resize_bilinear",
+    "resize_nearest",
+    "scaled_size",
+]
+
 
 def scaled_size(height: int, width: int, shorter_side: float) -> tuple[int, int]:
     """``(height, width)`` with the shorter side ``shorter_side`` (rounded), aspect kept."""
     factor = shorter_side / min(height, width)
     return max(1, round(height * factor)), max(1, round(width * factor))
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Input index of each output index under nearest-neighbour resampling at pixel centres."""
-    centres = (np.arange(out_size) + 0.5) * (in_size / out_size)
-    return np.minimum(np.floor(centres).astype(np.int64), in_size - 1)
-
-
-def resize_nearest(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of an (H, W) or (H, W, C) array to ``size``."""
-    height, width = size
-    if array.shape[:2] == (height, width):
-        return array
-    rows = nearest_indices(array.shape[0], height)
-    columns = nearest_indices(array.shape[1], width)
-    return array[rows[:, None], columns[None, :]]
 
 
 def resize_bilinear(image: Image.Image, size: Sequence[int]) -> np.ndarray:
@@ -69,16 +65,3 @@ def crop_or_pad(
     out = np.full((crop_height, crop_width, *array.shape[2:]), fill, array.dtype)
     out[: window.shape[0], : window.shape[1]] = window
     return out
-
-
-def mirror(array: np.ndarray) -> np.ndarray:
-    """Left-right mirror of an (H, W) or (H, W, C) array."""
-    return np.ascontiguousarray(array[:, ::-1])
-
-
-def mirror_normals(normals: np.ndarray) -> np.ndarray:
-    """Left-right mirror of camera-frame normals: the pixels mirrored and ``x`` negated."""
-    mirrored = mirror(normals)
-    # 0 - x rather than -x: an invalid (zero) normal stays +0, never becomes -0.
-    mirrored[..., 0] = 0.0 - mirrored[..., 0]
-    return mirrored

@@ -3,14 +3,18 @@
 All data is made locally from seeds (nothing is downloaded), so ``download_and_prepare`` works
 offline and gives the same files on every machine. Example ``i`` of ``train`` is
 ``scenes.make_example(i)``; example ``i`` of ``test`` is ``make_example(TEST_SEED_OFFSET + i)``,
-so the two splits never share a scene. Every config uses the same seeds, so the ``dense`` config's
-images equal the ``base`` config's (same size), with dense targets added.
+so the two splits never share a scene. The ``base``, ``dense`` and ``tiny`` configs use the
+same seeds, so the ``dense`` config's images equal the ``base`` config's (same size), with dense
+targets added; ``unlabelled`` draws its scenes from seeds no other config uses.
 
 Configs (sizes chosen so that preparing ``base`` takes well under two minutes on two CPU cores):
 
 * ``base``  — 64x64, 20,000 train / 1,000 test: image, captions, label, primary metadata.
 * ``dense`` — 64x64, 8,000 train / 500 test, plus ``segmentation``, ``depth``, ``normals``.
 * ``tiny``  — 32x32, 256 train / 64 test, dense features; for tests.
+* ``unlabelled`` — 64x64, 10,000 train / 500 test from seeds offset by
+  :data:`UNLABELLED_SEED_OFFSET`: images and captions only, a set for experts to pseudo-label
+  (CLIPTeX's :runlocal fine-tuning data, disjoint from the scenes the experts learn from).
 
 Files are ARRAY_RECORD, read back with random access by :func:`data_source` (no TensorFlow
 needed: TFDS decodes with NumPy and PIL). An element is a dict: ``image`` (S, S, 3) uint8 array,
@@ -46,6 +50,7 @@ from pretrain.data.scenes import geometry, sampling
 from pretrain.data.scenes.example import make_example
 
 TEST_SEED_OFFSET = 1_000_000_000
+UNLABELLED_SEED_OFFSET = 500_000_000
 _CHUNK = 256  # examples per task sent to a worker process
 # Below this many examples, starting worker processes (each imports TFDS) costs more than it saves.
 _MIN_EXAMPLES_FOR_WORKERS = 2_000
@@ -59,16 +64,18 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
     train_examples: int = 20_000
     test_examples: int = 1_000
     dense: bool = False
+    seed_offset: int = 0
 
 
-def split_seeds(split: str, num_examples: int) -> range:
-    """The example seeds of a split: ``train`` from 0, ``test`` from :data:`TEST_SEED_OFFSET`."""
+def split_seeds(split: str, num_examples: int, seed_offset: int = 0) -> range:
+    """The example seeds of a split: ``train`` from ``seed_offset``, ``test`` from
+    :data:`TEST_SEED_OFFSET` + ``seed_offset``."""
     offsets = {"train": 0, "test": TEST_SEED_OFFSET}
     if split not in offsets:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(offsets)}")
-    if num_examples > TEST_SEED_OFFSET:
-        raise ValueError(f"{num_examples} examples would reach the test seeds")
-    start = offsets[split]
+    if num_examples > UNLABELLED_SEED_OFFSET:
+        raise ValueError(f"{num_examples} examples would reach another config's seeds")
+    start = offsets[split] + seed_offset
     return range(start, start + num_examples)
 
 
@@ -173,6 +180,14 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
             test_examples=64,
             dense=True,
         ),
+        SyntheticScenesConfig(
+            name="unlabelled",
+            description="64x64 images with captions from seeds no other config uses.",
+            image_size=64,
+            train_examples=10_000,
+            test_examples=500,
+            seed_offset=UNLABELLED_SEED_OFFSET,
+        ),
     ]
     DEFAULT_CONFIG_NAME = "base"
     # TFDS 4.9.10 finds a builder's file through the `importlib_resources` back-port, which only
@@ -227,8 +242,8 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # nothing to download: every example is rendered from its seed
         config = self.builder_config
         return {
-            "train": self._generate_examples(split_seeds("train", config.train_examples)),
-            "test": self._generate_examples(split_seeds("test", config.test_examples)),
+            split: self._generate_examples(split_seeds(split, count, config.seed_offset))
+            for split, count in (("train", config.train_examples), ("test", config.test_examples))
         }
 
     def _generate_examples(self, seeds: range):
