@@ -86,7 +86,11 @@ __all__ = [
     "least_squares_scale_shift",
     "masked_l1_loss",
     "nll_angmf_loss",
+    "per_example_pixel_sums",
     "pixel_cross_entropy",
+    "pixel_l1",
+    "pixel_nll",
+    "pooled_pixel_mean",
     "ssi_depth_loss",
 ]
 
@@ -126,6 +130,29 @@ def global_pixel_mean(
     return global_row_mean(losses.reshape(-1), weights=mask.reshape(-1), axis_name=axis_name)
 
 
+def per_example_pixel_sums(
+    pixel_losses: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Per image (B,) float32: the sum of ``pixel_losses`` (B, H, W) over its ``valid`` pixels and
+    their count. The two halves of :func:`global_pixel_mean`, for a loss computed where only
+    per-example values may cross a boundary (the CLIP task's exact gradient accumulation carries
+    per-example values between micro-batches); :func:`pooled_pixel_mean` finishes it."""
+    if valid.shape != pixel_losses.shape:
+        raise ValueError(f"valid must be {pixel_losses.shape}, got {valid.shape}")
+    mask = valid.astype(bool)
+    losses = jnp.where(mask, pixel_losses.astype(jnp.float32), 0.0)
+    return jnp.sum(losses, axis=(1, 2)), jnp.sum(mask, axis=(1, 2), dtype=jnp.float32)
+
+
+def pooled_pixel_mean(
+    sums: jax.Array, counts: jax.Array, *, axis_name: AxisName = None
+) -> jax.Array:
+    """``sum(sums) / sum(counts)`` over the global batch (0 when no pixel is valid): with
+    :func:`per_example_pixel_sums`' halves, exactly :func:`global_pixel_mean`."""
+    rows = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)
+    return global_row_mean(rows, weights=counts, axis_name=axis_name)
+
+
 # --------------------------------------------------------------------------------------------------
 # Segmentation
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +184,15 @@ def pixel_cross_entropy(
             f"logits must be (B, H, W, C) and labels (B, H, W), got {logits.shape} and "
             f"{labels.shape}"
         )
+    nll, valid = pixel_nll(logits, labels, ignore_label=ignore_label)
+    return global_pixel_mean(nll, valid, weights=weights, axis_name=axis_name)
+
+
+def pixel_nll(
+    logits: jax.Array, labels: jax.Array, *, ignore_label: int = 255
+) -> tuple[jax.Array, jax.Array]:
+    """Per pixel: ``-log_softmax(logits)[label]`` float32 (B, H, W) and which pixels are valid
+    (labelled: not ``ignore_label``, in ``[0, C)``). Invalid pixels hold finite values."""
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be integer classes, got dtype {labels.dtype}")
     num_classes = logits.shape[-1]
@@ -166,7 +202,7 @@ def pixel_cross_entropy(
     safe_labels = jnp.where(valid, labels, 0)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
-    return global_pixel_mean(nll, valid, weights=weights, axis_name=axis_name)
+    return nll, valid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,15 +318,20 @@ def masked_l1_loss(
             f"{prediction.shape} and {target.shape}"
         )
     valid = valid.astype(bool)
+    return global_pixel_mean(
+        pixel_l1(prediction, target, valid), valid, weights=weights, axis_name=axis_name
+    )
+
+
+def pixel_l1(prediction: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
+    """Per pixel ``mean_k |prediction - target|`` float32 (B, H, W); 0 at invalid pixels."""
     difference = prediction.astype(jnp.float32) - target.astype(jnp.float32)
     if difference.ndim == 3:
         difference = difference[..., None]
     # Zeroed before abs: a NaN / inf target at an invalid pixel gives neither a value nor a NaN
     # gradient (abs'(0) = 0).
-    difference = jnp.where(valid[..., None], difference, 0.0)
-    return global_pixel_mean(
-        jnp.mean(jnp.abs(difference), axis=-1), valid, weights=weights, axis_name=axis_name
-    )
+    difference = jnp.where(valid.astype(bool)[..., None], difference, 0.0)
+    return jnp.mean(jnp.abs(difference), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ models/spatial.py. The classifier runs at the head's resolution and only its log
   ``UPerHead``): a pyramid pooling module on the coarsest map and an FPN over all of them, every
   level resized to the finest and fused -> 1x1 classifier. Given one map (a ViT), ViTDet's simple
   feature pyramid first makes four (strides 4 to 32 from stride 16).
+* :class:`MultiTaskPSPHeads` (CLIPTeX, paper 003 Section 3): ONE pyramid pooling module shared by
+  several tasks, a 1x1 convolution per task on its output, each resized (nearest by default).
 
 Normalisation is the project's BatchNorm (models/batchnorm.py: ``batch_stats`` collection, per
 ``bn_groups`` statistics): apply with ``train=True, mutable=["batch_stats"]`` and a ``dropout``
@@ -50,15 +52,17 @@ from models.spatial import as_size, resize_bilinear, upsample_to
 CLASSIFIER_INIT_STD = 0.01
 
 
-def classifier_conv(num_outputs: int, dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
-    """The 1x1 convolution with bias named ``classifier`` that ends every head."""
+def classifier_conv(
+    num_outputs: int, dtype: Dtype, param_dtype: Dtype, name: str = "classifier"
+) -> nn.Conv:
+    """The 1x1 convolution with bias (named ``classifier`` by default) that ends every head."""
     return nn.Conv(
         num_outputs,
         kernel_size=(1, 1),
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.initializers.normal(CLASSIFIER_INIT_STD),
-        name="classifier",
+        name=name,
     )
 
 
@@ -232,6 +236,44 @@ class UperNetHead(nn.Module):
         fused = channel_dropout(self.dropout, fused, train)
         logits = classifier_conv(self.num_outputs, self.dtype, self.param_dtype)(fused)
         return resized_logits(logits, output_size, self.upsample)
+
+
+class MultiTaskPSPHeads(nn.Module):
+    """CLIPTeX's light task heads: ``psp`` (:class:`~models.pyramid.PyramidPoolingModule`, CoreNet's
+    defaults: bins (1, 2, 3, 6), 512 channels, dropout 0.1) on the last map, shared by the tasks,
+    then per task ``head_<name>`` (a 1x1 convolution with bias, initialised as ``classifier``)
+    resized to ``output_size`` by ``upsample`` (the paper upsamples to the label size by nearest
+    neighbour). ``outputs``: (task name, output channels) pairs; returns {name: (B, H, W, K)
+    float32}."""
+
+    outputs: Sequence[tuple[str, int]]
+    channels: int = 512
+    bins: Sequence[int] = (1, 2, 3, 6)
+    dropout: float = 0.1
+    bn_groups: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    upsample: str = "nearest"
+
+    @nn.compact
+    def __call__(
+        self, features: Sequence[jax.Array], output_size: tuple[int, int], *, train: bool = False
+    ) -> dict[str, jax.Array]:
+        x = check_features(features)[-1].astype(self.dtype)
+        x = PyramidPoolingModule(
+            self.channels,
+            self.bins,
+            dropout=self.dropout,
+            bn_groups=self.bn_groups,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="psp",
+        )(x, train=train)
+        results = {}
+        for name, count in self.outputs:
+            head = classifier_conv(count, self.dtype, self.param_dtype, name=f"head_{name}")
+            results[name] = resized_logits(head(x), output_size, self.upsample)
+        return results
 
 
 DENSE_HEADS: dict[str, type[nn.Module]] = {

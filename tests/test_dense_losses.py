@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -28,7 +29,11 @@ from losses.dense import (
     least_squares_scale_shift,
     masked_l1_loss,
     nll_angmf_loss,
+    per_example_pixel_sums,
     pixel_cross_entropy,
+    pixel_l1,
+    pixel_nll,
+    pooled_pixel_mean,
     ssi_depth_loss,
 )
 
@@ -418,3 +423,56 @@ def test_masked_l1_single_channel():
     valid = rng.uniform(size=(2, 3, 3)) < 0.7
     value = masked_l1_loss(jnp.asarray(prediction), jnp.asarray(target), jnp.asarray(valid))
     _assert_close(value, l1_reference(prediction, target, valid))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-example halves (the CLIP task's accumulated losses: CLIPTeX's pseudo-label terms)
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_pixel(name: str, first: jax.Array, rest) -> tuple[jax.Array, jax.Array]:
+    if name == "pixel_ce":
+        return pixel_nll(first, jnp.asarray(rest[0]), ignore_label=IGNORE)
+    target, valid = (jnp.asarray(x) for x in rest)
+    return pixel_l1(first, target, valid), valid
+
+
+@pytest.mark.parametrize("name", ["pixel_ce", "l1"])
+def test_pooled_per_example_sums_match_reference_in_any_micro_batches(name):
+    """Per-example sums made in micro-batches of 4, 5 and 7 rows and pooled once: the value and
+    gradient of the whole batch's masked mean (the float64 references, padding rows weighted 0
+    by giving them no valid pixel)."""
+    case = next(c for c in CASES if c.name == name)
+    first, *rest = case.inputs
+    cuts = (0, 4, 9, GLOBAL_BATCH)
+
+    def pooled(logits_or_prediction):
+        sums, counts = [], []
+        for start, stop in itertools.pairwise(cuts):
+            part = [np.asarray(x)[start:stop] for x in rest]
+            pixel, valid = _per_pixel(name, logits_or_prediction[start:stop], part)
+            s, c = per_example_pixel_sums(pixel, valid)
+            sums.append(s)
+            counts.append(c)
+        return pooled_pixel_mean(jnp.concatenate(sums), jnp.concatenate(counts))
+
+    value, grad = jax.jit(jax.value_and_grad(pooled))(jnp.asarray(first, jnp.float32))
+    expected_value, expected_grad = reference_value_and_grad(name, False)
+    _assert_close(value, expected_value, name="pooled loss")
+    _assert_close(grad, expected_grad, rtol=GRAD_RTOL, name="pooled gradient")
+    # Under shard_map the pooled mean psums over the devices like global_pixel_mean.
+    pixel, valid = _per_pixel(name, jnp.asarray(first), rest)
+    sums, counts = per_example_pixel_sums(pixel, valid)
+    sharded = jax.shard_map(
+        functools.partial(pooled_pixel_mean, axis_name="data"),
+        mesh=_mesh((NUM_DEVICES,), ("data",)),
+        in_specs=(P("data"), P("data")),
+        out_specs=P(),
+    )
+    _assert_close(jax.jit(sharded)(sums, counts), expected_value, name="sharded pooled loss")
+
+
+def test_pooled_mean_without_valid_pixels_is_zero_with_finite_gradients():
+    sums, counts = jnp.zeros(3), jnp.zeros(3)
+    value, grad = jax.value_and_grad(lambda s: pooled_pixel_mean(s, counts))(sums)
+    assert float(value) == 0.0 and np.all(np.isfinite(np.asarray(grad)))

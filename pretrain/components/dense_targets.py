@@ -114,6 +114,20 @@ class DenseTarget:
             return _global_loss(dense_losses.nll_angmf_loss, mesh, arrays, weights)
         return _global_loss(dense_losses.masked_l1_loss, mesh, arrays, weights)
 
+    def pixel_losses(self, outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per pixel (B, H, W): the loss float32 and whether the pixel counts, for the losses
+        that are plain means over pixels (``cross_entropy``, ``l1``), so that a task may pool
+        them itself (CLIPTeX pools per-example sums over accumulated micro-batches). ``ssi``
+        fits each image and ``nll_angmf`` leaves pixels out by their prediction: use
+        :meth:`loss_value` for those."""
+        if self.name == "segmentation":
+            return dense_losses.pixel_nll(outputs, labels, ignore_label=self.ignore_label)
+        if self.loss != "l1":
+            raise ValueError(f"the {self.name} loss {self.loss!r} is not a mean over pixels")
+        valid = self.valid_pixels(labels)
+        prediction = outputs[..., 0] if self.name == "depth" else outputs
+        return dense_losses.pixel_l1(prediction, labels, valid), valid
+
     # -- evaluation -----------------------------------------------------------------------------
 
     def predict(self, outputs: jax.Array) -> jax.Array:
