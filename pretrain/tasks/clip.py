@@ -3,6 +3,9 @@
 What is specific to CLIP lives here and nowhere else: the two-tower model built from the config, the
 loss (``clip``, ``sigmoid``, ``sigmoid_ring``) applied under ``shard_map`` over the batch axes,
 the temperature clamp, the image-text data pipeline and the zero-shot / retrieval evaluators.
+Optional parts, each switched on by its config section: RangeAugment (``range_augment``),
+DataCompDR-style reinforced training (``reinforced``) and CLIPTeX's pseudo-label heads
+(``cliptex``, pretrain/components/pseudo_supervision.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from losses.sigmoid import sigmoid_loss, sigmoid_loss_ring
 from models.two_tower import TwoTowerModel
 from pretrain import sharding
 from pretrain import task as base
+from pretrain.components import pseudo_supervision
+from pretrain.components.pseudo_supervision import (
+    PseudoSupervision,
+    join_model_state,
+    prepare_pseudo_labelled_data,
+    split_model_state,
+)
 from pretrain.components.range_augment import RangeAugmentation
 from pretrain.components.reinforced_training import ReinforcedTraining, prepare_reinforced_data
 from pretrain.components.runs import run_params
@@ -40,11 +50,13 @@ from pretrain.export import open_clip
 LOSSES = {"clip": clip_loss, "sigmoid": sigmoid_loss, "sigmoid_ring": sigmoid_loss_ring}
 # open_clip clamps the learned temperature so that the logit scale never exceeds 100.
 MAX_LOG_LOGIT_SCALE = math.log(100.0)
+# Parameters that only training uses: the exported model has none of them.
+TRAINING_ONLY_PARAMS = ("range_augment", pseudo_supervision.PARAMS_KEY)
 
 
 class Task(base.Task):
     batch_fields = ("image", "text")
-    state_fields = RangeAugmentation.STATE_FIELDS
+    state_fields = RangeAugmentation.STATE_FIELDS + PseudoSupervision.STATE_FIELDS
     splits_loss = True
     image_tower_entry = "image"
     image_tower_params_key = "image_encoder"
@@ -62,43 +74,59 @@ class Task(base.Task):
         self.reinforced = ReinforcedTraining.from_config(config)
         if self.reinforced is not None:
             self.batch_fields = (*Task.batch_fields, *self.reinforced.batch_fields())
+        # CLIPTeX's heads trained on experts' pseudo-labels, when configured.
+        self.pseudo = PseudoSupervision.from_config(config)
+        if self.pseudo is not None:
+            self.batch_fields = (*self.batch_fields, *self.pseudo.names)
 
     # -- model ---------------------------------------------------------------------------------
 
     def init_variables(self, rng: jax.Array) -> tuple[Any, Any]:
-        """Parameters, and the BatchNorm statistics of towers that have them (ResNet, MCi)."""
+        """Parameters, and the BatchNorm statistics of towers that have them (ResNet, MCi) and
+        of CLIPTeX's heads."""
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         tokens = jnp.zeros((1, self.context_length), jnp.int32)
-        model_rng, augment_rng = jax.random.split(rng)
+        model_rng, augment_rng, heads_rng = jax.random.split(rng, 3)
         variables = self.model.init(model_rng, images, tokens)
-        params = variables["params"]
+        params, model_state = variables["params"], variables.get(BATCH_STATS)
         if self.range_augment is not None:
             params = {**params, "range_augment": self.range_augment.init(augment_rng, images)}
-        return params, variables.get(BATCH_STATS)
+        if self.pseudo is not None:
+            _, intermediates = self.model.apply(
+                variables, images, method=TwoTowerModel.encode_image
+            )
+            heads, heads_state = self.pseudo.init(heads_rng, intermediates, self.image_size)
+            params = {**params, pseudo_supervision.PARAMS_KEY: heads}
+            model_state = join_model_state(model_state, heads_state)
+        return params, model_state
 
     def _encode_unit_images(
-        self, params: Any, images: jax.Array, model_state: Any = None, train: bool = False
-    ) -> tuple[jax.Array, Any]:
-        """Embeddings of float images in [0, 1], normalised with CLIP's mean and std, and the
-        BatchNorm statistics (updated from this batch when training)."""
+        self, params: Any, images: jax.Array, tower_state: Any = None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, Any], Any]:
+        """Embeddings of float images in [0, 1], normalised with CLIP's mean and std, the image
+        tower's intermediates (its feature maps) and its BatchNorm statistics (updated from this
+        batch when training)."""
         normalized = normalize_unit(images)
-        variables = model_variables(params, model_state)
-        if train and model_state is not None:
-            (embeds, _), updated = self.model.apply(
+        variables = model_variables(params, tower_state)
+        if train and tower_state is not None:
+            (embeds, intermediates), updated = self.model.apply(
                 variables,
                 normalized,
                 train=True,
                 method=TwoTowerModel.encode_image,
                 mutable=[BATCH_STATS],
             )
-            return embeds, updated[BATCH_STATS]
-        embeds, _ = self.model.apply(variables, normalized, method=TwoTowerModel.encode_image)
-        return embeds, model_state
+            return embeds, intermediates, updated[BATCH_STATS]
+        embeds, intermediates = self.model.apply(
+            variables, normalized, method=TwoTowerModel.encode_image
+        )
+        return embeds, intermediates, tower_state
 
     def encode_images(self, variables: Any, images_uint8: jax.Array) -> jax.Array:
         """Evaluation: ``variables`` = {"params", "model_state"} (see :meth:`evaluate`)."""
         images = unit_images(images_uint8)
-        return self._encode_unit_images(variables["params"], images, variables["model_state"])[0]
+        tower_state, _ = split_model_state(variables["model_state"])
+        return self._encode_unit_images(variables["params"], images, tower_state)[0]
 
     def encode_texts(self, variables: Any, tokens: jax.Array) -> jax.Array:
         return self._encode_texts(variables["params"], tokens)
@@ -123,9 +151,17 @@ class Task(base.Task):
         if self.range_augment is not None:
             # The MSE per image, so that exact gradient accumulation carries it like an embedding.
             images, embeddings["augment_mse"] = self.range_augment.augment(params, images, rng)
-        embeddings["image"], model_state = self._encode_unit_images(
-            params, images, model_state, train=True
+        tower_state, heads_state = split_model_state(model_state)
+        embeddings["image"], intermediates, tower_state = self._encode_unit_images(
+            params, images, tower_state, train=True
         )
+        if self.pseudo is not None:
+            dropout_rng = jax.random.fold_in(rng, 1)  # not RangeAugment's draws
+            losses, heads_state = self.pseudo.per_example_losses(
+                params, heads_state, intermediates, batch, dropout_rng
+            )
+            embeddings.update(losses)
+        model_state = join_model_state(tower_state, heads_state)
         embeddings["text"] = self._encode_texts(params, batch["text"])
         if self.reinforced is not None:
             if self.reinforced.synthetic_captions:
@@ -150,6 +186,9 @@ class Task(base.Task):
             metrics = {"logit_scale": scale, "contrastive_loss": parts["clip_real"], **parts}
         else:
             value, metrics = self._contrastive_loss(params, embeddings, scale)
+        if self.pseudo is not None:
+            value, pseudo_metrics = self.pseudo.loss(value, embeddings)
+            metrics.update(pseudo_metrics)
         if "augment_mse" in embeddings:
             augment_loss, augment_metrics = self.range_augment.loss(
                 params, embeddings["augment_mse"], step
@@ -206,31 +245,44 @@ class Task(base.Task):
         }
         if self.reinforced is not None:
             spec.update(self.reinforced.batch_spec(batch_size, self.context_length))
+        if self.pseudo is not None:
+            spec.update(self.pseudo.batch_spec(batch_size, self.image_size))
         return spec
 
     def train_data_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"context_length": self.context_length}
+        prepare_pseudo_labelled_data(self.config)  # CLIPTeX's (and CLIP-FT's) shards first
         if self.reinforced is not None:
             prepare_reinforced_data(self.config)  # the shards exist before they are opened
             options["source"] = image_text.make_source(
                 self.config.data.train, read_reinforcements=True
             )
             options["record_fields"] = self.reinforced.record_fields()
+        if self.pseudo is not None:
+            options["source"] = image_text.make_source(
+                self.config.data.train, read_members=self.pseudo.read_members()
+            )
+            options["record_fields"] = self.pseudo.record_fields()
         return options
 
     def load_pretrained(self) -> Any:
-        """Towers initialised from earlier runs or CLIP weights (``config.init``), e.g. UTA's
-        contrastive fine-tuning: the image tower from the UTA run, the text tower from its teacher.
+        """Towers initialised from earlier runs or CLIP weights (``config.init``).
 
-        ``init.image_from``: {config, workdir, step, subtree} of a run of this project (``subtree``
-        "" = its whole parameter tree, e.g. a UTA student; "image_encoder" for a CLIP run);
-        ``init.text_from``: a teacher spec (see pretrain/components/teachers.py) whose text tower
-        is taken.
+        ``init.clip_from``: a CLIP (a teacher spec, see pretrain/components/teachers.py: a run
+        of this project or open_clip weights) whose two towers and temperature start this one,
+        e.g. CLIPTeX's and CLIP-FT's fine-tuning; ``init.image_from``: {config, workdir, step,
+        subtree} of a run of this project (``subtree`` "" = its whole parameter tree, e.g. a UTA
+        student; "image_encoder" for a CLIP run); ``init.text_from``: a teacher spec whose text
+        tower is taken (UTA's contrastive fine-tuning: the image tower from the UTA run, the
+        text tower from its teacher). A BatchNorm tower's running statistics start afresh.
         """
         init = self.config.get("init")
         if not init:
             return None
         pretrained = {}
+        clip_from = init.get("clip_from")
+        if clip_from:
+            pretrained.update(self._pretrained_clip(clip_from))
         image_from = init.get("image_from")
         if image_from:
             if not image_from.get("workdir"):
@@ -249,16 +301,42 @@ class Task(base.Task):
             pretrained["image_encoder"] = params
         text_from = init.get("text_from")
         if text_from:
-            teacher = build_teacher(ConfigDict({**text_from.to_dict(), "dtype": "float32"}))
-            check_same_tower(teacher.model.text_encoder, self.model.text_encoder, "text")
+            teacher = self._checked_teacher(text_from, ("text",))
             pretrained["text_encoder"] = teacher.load()["text_encoder"]
         return pretrained or None
+
+    def _checked_teacher(self, spec: ConfigDict, towers: tuple[str, ...]) -> Any:
+        """The CLIP of a teacher spec, in float32, checked to have this model's ``towers``."""
+        teacher = build_teacher(ConfigDict({**spec.to_dict(), "dtype": "float32"}))
+        for tower in towers:
+            check_same_tower(
+                getattr(teacher.model, f"{tower}_encoder"),
+                getattr(self.model, f"{tower}_encoder"),
+                tower,
+            )
+        return teacher
+
+    def _pretrained_clip(self, spec: ConfigDict) -> dict[str, Any]:
+        """Both towers and the temperature (and SigLIP's bias) of the CLIP ``spec`` names."""
+        source = spec.get("source")
+        if (source == "workdir" and not spec.get("workdir")) or (
+            source == "open_clip" and not spec.get("open_clip_dir")
+        ):
+            raise ValueError(
+                "config.init.clip_from names no weights: set its workdir (a CLIP run of this "
+                "project) or open_clip_dir (open_clip weights)"
+            )
+        params = self._checked_teacher(spec, ("image", "text")).load()
+        keys = ("image_encoder", "text_encoder", "logit_scale", "logit_bias")
+        return {key: params[key] for key in keys if key in params}
 
     def export(self, params: Any, directory: str, model_state: Any = None) -> str:
         """open_clip state dict (safetensors) + model config (pretrain/export/open_clip/): the
         image tower's family decides its layout (an EVA tower may bring a ``timm_trunk/``), a
-        ResNet or MobileCLIP tower's ``model_state`` becomes its BatchNorm running statistics."""
-        params = {k: v for k, v in params.items() if k != "range_augment"}  # training only
+        ResNet or MobileCLIP tower's ``model_state`` becomes its BatchNorm running statistics.
+        Training-only parts (RangeAugment, CLIPTeX's heads) are left out: a plain CLIP."""
+        params = {k: v for k, v in params.items() if k not in TRAINING_ONLY_PARAMS}
+        model_state, _ = split_model_state(model_state)
         fixed_scale = self.config.loss.get("fixed_logit_scale")
         if fixed_scale:  # the scale the model was trained and is used with
             params["logit_scale"] = np.asarray(np.log(fixed_scale), np.float32)
