@@ -185,7 +185,7 @@ MASK_RCNN = {"min_size": 64, "max_size": 96, "max_instances": 8, "score_threshol
 def expert_files(tmp_path_factory):
     """Random weights for the three experts, the libraries' reference outputs on the test
     images, and NLL-AngMF's layout report (one torch-side process)."""
-    require_torch_env()
+    require_torch_env("torchvision", "transformers", "geffnet")
     folder = tmp_path_factory.mktemp("experts")
     rng = np.random.default_rng(0)
     # Three sizes: landscape, odd, portrait (each expert must answer at each image's own size).
@@ -242,6 +242,10 @@ def test_nll_angmf_matches_the_released_layout(expert_files):
     assert report["BN"]["encoder_parameters"] == 28_340_784
     assert report["gn_output_shape"] == [1, 4, 64, 64]
     assert report["gn_normal_length_error"] < 1e-5 and report["gn_min_kappa"] > 0.01
+    # The DPT loader is strict but for the unreachable weights Intel's checkpoints lack (the
+    # test's DPT lacks them too and loads in the server session).
+    assert "missing_keys" in report["dpt_broken_error"]
+    assert "head.head.0.weight" in report["dpt_broken_error"]
     # The 80 classes against torchvision's 91 COCO categories ("N/A" = an unused id).
     unused = ("__background__", "N/A")
     things = [(i, n) for i, n in enumerate(report["coco_categories"]) if n not in unused]

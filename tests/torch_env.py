@@ -61,12 +61,13 @@ def _clean_env() -> dict[str, str]:
 
 
 @functools.cache
-def torch_skip_reason() -> str | None:
-    """``None`` when the torch environment works, else why torch parity tests must be skipped."""
+def torch_skip_reason(extra_modules: tuple[str, ...] = ()) -> str | None:
+    """``None`` when the torch environment works (and imports ``extra_modules``), else why torch
+    parity tests must be skipped."""
     python = torch_python()
     if not python.exists():
         return f"torch environment not found at {python} (set TORCH_PYTHON or build .venv-torch)"
-    probe = "import " + ", ".join(REQUIRED_MODULES)
+    probe = "import " + ", ".join((*REQUIRED_MODULES, *extra_modules))
     try:
         result = subprocess.run(
             [str(python), "-c", probe],
@@ -84,13 +85,14 @@ def torch_skip_reason() -> str | None:
     return None
 
 
-def require_torch_env() -> None:
-    """Skip the calling test when the torch environment is missing or cannot import its packages.
+def require_torch_env(*extra_modules: str) -> None:
+    """Skip the calling test when the torch environment is missing or cannot import its packages
+    (torch, open_clip, timm and ``extra_modules``, e.g. ``"transformers"``).
 
     With ``REQUIRE_TORCH_ENV=1`` (set by CI, which builds the environment itself) a missing or
     broken environment fails the test instead: parity checks must not silently vanish.
     """
-    reason = torch_skip_reason()
+    reason = torch_skip_reason(tuple(extra_modules))
     if reason is None:
         return
     if os.environ.get("REQUIRE_TORCH_ENV") == "1":

@@ -10,7 +10,8 @@ once).
     (``{"mask_rcnn": {"min_size", "max_size", "max_instances", "score_threshold"}}``); writes
     random weights:
     ``mask_rcnn.pth`` (torchvision ``maskrcnn_resnet50_fpn`` state dict, 91 classes), ``dpt/``
-    (a tiny ``DPTConfig`` with ``save_pretrained`` and a ``DPTImageProcessor`` config) and
+    (a tiny ``DPTConfig`` with ``save_pretrained``, without the weights Intel's checkpoints lack,
+    and a ``DPTImageProcessor`` config) and
     ``nll_angmf.pt`` (NLL-AngMF on ``tf_efficientnet_b0``, decoder width 64, saved as the release
     saves: ``{"model": {"module." + key: value}}``). Then the libraries' own outputs on the images,
     as references for the server's: Mask R-CNN's raw detections (``mask_rcnn_{masks,labels,
@@ -24,12 +25,14 @@ once).
     came from; classifier dropped as the release drops it); and the encoder's skip features
     against the release's rule (outputs 4, 5, 6, 8, 11 of gen-efficientnet's top-level modules
     with blocks unrolled) for ``tf_efficientnet_b0`` with shared random weights; a tiny GN model's
-    output (unit normals, kappa > 0.01); torchvision's 91 COCO category names.
+    output (unit normals, kappa > 0.01); torchvision's 91 COCO category names; the error of the
+    DPT loader on a copy of ``dpt/`` without a reachable weight (run after ``weights``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,13 +40,15 @@ import geffnet
 import numpy as np
 import torch
 from parity_files import read_inputs, write_results
+from safetensors.torch import load_file, save_file
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
 
 # One thread: the tests run beside other processes on 2 cores, where torch's thread pool spins.
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "pretrain" / "pseudo_labels" / "torch_experts"))
-from nll_angmf import NNET, Encoder  # noqa: E402 - after the path above
+from dpt import UNREACHABLE_PREFIX, load_dpt  # noqa: E402 - after the path above
+from nll_angmf import NNET, Encoder  # noqa: E402
 
 TEST_ENCODER = "tf_efficientnet_b0"
 TEST_DECODER_WIDTH = 64
@@ -113,6 +118,8 @@ def dpt(out_dir: Path, images: list[np.ndarray]) -> dict[str, np.ndarray]:
     )
     model.save_pretrained(out_dir / "dpt")
     processor.save_pretrained(out_dir / "dpt")
+    # Intel's DPT checkpoints lack the unreachable first-fusion residual weights: so does this.
+    _drop_weights(out_dir / "dpt", UNREACHABLE_PREFIX)
     outputs = {}
     with torch.inference_mode():
         for i, image in enumerate(images):
@@ -122,6 +129,24 @@ def dpt(out_dir: Path, images: list[np.ndarray]) -> dict[str, np.ndarray]:
             outputs[f"dpt_inverse_{i}"] = post["predicted_depth"].numpy()
             outputs[f"dpt_processed_shape_{i}"] = np.array(pixels.shape[2:])
     return outputs
+
+
+def _drop_weights(directory: Path, prefix: str) -> None:
+    path = directory / "model.safetensors"
+    state = {k: v for k, v in load_file(path).items() if not k.startswith(prefix)}
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def dpt_strictness(out_dir: Path) -> str:
+    """The error ``load_dpt`` gives for a copy of the test DPT that lacks a reachable weight."""
+    broken = out_dir / "dpt_broken"
+    shutil.copytree(out_dir / "dpt", broken)
+    _drop_weights(broken, "head.head.0.")
+    try:
+        load_dpt(str(broken))
+    except ValueError as error:
+        return str(error)
+    return "loaded"
 
 
 def nll_angmf(out_dir: Path) -> None:
@@ -187,6 +212,7 @@ def inspect(out_dir: Path) -> None:
         k: v for k, v in _shapes(release).items() if not k.startswith("classifier.")
     }
     report["skip_parity_max_abs"] = encoder_skip_parity()
+    report["dpt_broken_error"] = dpt_strictness(out_dir)
     report["coco_categories"] = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
     torch.manual_seed(0)
     tiny = NNET(TEST_ENCODER, "GN", 128).eval()

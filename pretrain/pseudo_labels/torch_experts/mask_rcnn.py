@@ -75,12 +75,16 @@ class SegmentationExpert:
 
     def _predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         detections = self.model([image_tensor(image, self.device) for image in images])
-        return [
-            semantic_from_instances(
-                found["masks"][:, 0].float().cpu().numpy(),
-                found["labels"].cpu().numpy(),
-                found["scores"].float().cpu().numpy(),
-                **self.rule,
+        results = []
+        for found in detections:
+            # Only instances the rule keeps leave the device: full-size masks are large.
+            keep = found["scores"] >= self.rule["score_threshold"]
+            results.append(
+                semantic_from_instances(
+                    found["masks"][keep, 0].float().cpu().numpy(),
+                    found["labels"][keep].cpu().numpy(),
+                    found["scores"][keep].float().cpu().numpy(),
+                    **self.rule,
+                )
             )
-            for found in detections
-        ]
+        return results
