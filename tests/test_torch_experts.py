@@ -5,6 +5,7 @@ a small EfficientNet) whose outputs are checked against the libraries' own."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -200,16 +201,17 @@ def expert_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def session(expert_files):
-    """The server on those weights, with one predict() of the three images."""
+    """The server on those weights, with one predict() of the three images. The DPT path is
+    relative: it resolves against the working directory of the process that starts the server."""
     folder, images, _, _ = expert_files
     config = {
         "segmentation": {
             "kind": "mask_rcnn",
             "weights": str(folder / "mask_rcnn.pth"),
             "overlap": "smaller",
-            **{k: v for k, v in MASK_RCNN.items()},
+            **MASK_RCNN,
         },
-        "depth": {"kind": "dpt", "weights": str(folder / "dpt")},
+        "depth": {"kind": "dpt", "weights": "dpt"},
         "normals": {
             "kind": "nll_angmf",
             "weights": str(folder / "nll_angmf.pt"),
@@ -220,11 +222,13 @@ def session(expert_files):
         "device": "cpu",
     }
     # One torch thread: tests share 2 cores, where torch's thread pool spins.
-    with (
-        mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}),
-        TorchExperts(config, python=str(torch_python())) as experts,
-    ):
+    experts = TorchExperts(config, python=str(torch_python()))
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}), contextlib.chdir(folder):
+        experts.__enter__()
+    try:
         yield experts, experts.predict(images)
+    finally:
+        experts.close()
 
 
 @pytest.mark.torch

@@ -122,6 +122,8 @@ class TorchExperts:
         self._requests = 0
 
     def __enter__(self) -> TorchExperts:
+        if self._process is not None:
+            raise RuntimeError("TorchExperts is already running (enter it once)")
         self._workdir = tempfile.TemporaryDirectory(prefix="torch_experts_")
         stderr = open(self._stderr_path, "wb")  # a file: a full pipe would block the server
         try:
@@ -130,8 +132,7 @@ class TorchExperts:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                env=_server_env(),
-                cwd=SERVER.parent,
+                env=_server_env(),  # and this process's working directory: relative weights
             )
         finally:
             stderr.close()
