@@ -17,7 +17,7 @@ import pytest
 from torch_env import REPO_ROOT, require_torch_env, run_torch_script, torch_python
 from torch_side.parity_files import read_results, write_inputs
 
-from pretrain.pseudo_labels.torch_client import TorchExperts
+from pretrain.pseudo_labels.torch_client import TorchExperts, segmentation_class_names
 
 EXPERTS_DIR = REPO_ROOT / "pretrain" / "pseudo_labels" / "torch_experts"
 
@@ -100,6 +100,8 @@ def test_coco_classes_are_the_80_thing_categories_in_id_order():
     np.testing.assert_array_equal(classes, [0, 1, 11, 0, 12, 80, 0, 0])
     assert len(instances.COCO_THING_NAMES) == 80 == instances.NUM_CLASSES - 1
     assert instances.COCO_THING_NAMES[11] == "stop sign"  # class 12 = COCO id 13
+    names = segmentation_class_names()
+    assert names[:3] == ("background", "person", "bicycle") and names[80] == "toothbrush"
 
 
 # --- depth and normals conventions -------------------------------------------------------------

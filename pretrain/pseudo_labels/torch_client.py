@@ -47,13 +47,14 @@ The config (a mapping, one entry per target, each optional; nothing is ever down
       "device": "auto",              # CUDA when the torch environment sees a GPU, else CPU
     }
 
-Classes: 0 = background, 1..80 = COCO's thing categories in category-id order (names in
-``torch_experts/instances.py``: ``COCO_THING_NAMES``). Depth is *relative*: the image's median
-valid depth is 1 (MiDaS-style experts know no metric scale).
+Classes: 0 = background, 1..80 = COCO's thing categories in category-id order
+(:func:`segmentation_class_names`). Depth is *relative*: the image's median valid depth is 1
+(MiDaS-style experts know no metric scale).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import select
@@ -98,6 +99,17 @@ def configured_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
     if not targets:
         raise ValueError(f"no expert configured; give one or more of {TARGET_ORDER}")
     return targets
+
+
+def segmentation_class_names() -> tuple[str, ...]:
+    """The Mask R-CNN expert's class names by class id: "background", then COCO's 80 thing
+    categories (read from the torch side's NumPy-only ``instances.py``, the one source)."""
+    spec = importlib.util.spec_from_file_location(
+        "torch_experts_instances", SERVER.parent / "instances.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ("background", *module.COCO_THING_NAMES)
 
 
 def _server_env() -> dict[str, str]:
