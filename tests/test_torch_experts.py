@@ -14,7 +14,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from torch_env import REPO_ROOT, require_torch_env, run_torch_script, torch_python
+from torch_env import REPO_ROOT, require_torch_packages, run_torch_script, torch_python
 from torch_side.parity_files import read_results, write_inputs
 
 from pretrain.pseudo_labels.torch_client import TorchExperts, segmentation_class_names
@@ -188,7 +188,7 @@ MASK_RCNN = {"min_size": 64, "max_size": 96, "max_instances": 8, "score_threshol
 def expert_files(tmp_path_factory):
     """Random weights for the three experts, the libraries' reference outputs on the test
     images, and NLL-AngMF's layout report (one torch-side process)."""
-    require_torch_env("torchvision", "transformers", "geffnet")
+    require_torch_packages("torch", "torchvision", "timm", "transformers", "geffnet")
     folder = tmp_path_factory.mktemp("experts")
     rng = np.random.default_rng(0)
     # Three sizes: landscape, odd, portrait (each expert must answer at each image's own size).

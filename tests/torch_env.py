@@ -61,13 +61,12 @@ def _clean_env() -> dict[str, str]:
 
 
 @functools.cache
-def torch_skip_reason(extra_modules: tuple[str, ...] = ()) -> str | None:
-    """``None`` when the torch environment works (and imports ``extra_modules``), else why torch
-    parity tests must be skipped."""
+def torch_skip_reason() -> str | None:
+    """``None`` when the torch environment works, else why torch parity tests must be skipped."""
     python = torch_python()
     if not python.exists():
         return f"torch environment not found at {python} (set TORCH_PYTHON or build .venv-torch)"
-    probe = "import " + ", ".join((*REQUIRED_MODULES, *extra_modules))
+    probe = "import " + ", ".join(REQUIRED_MODULES)
     try:
         result = subprocess.run(
             [str(python), "-c", probe],
@@ -85,14 +84,43 @@ def torch_skip_reason(extra_modules: tuple[str, ...] = ()) -> str | None:
     return None
 
 
-def require_torch_env(*extra_modules: str) -> None:
-    """Skip the calling test when the torch environment is missing or cannot import its packages
-    (torch, open_clip, timm and ``extra_modules``, e.g. ``"transformers"``).
+def require_torch_env() -> None:
+    """Skip the calling test when the torch environment is missing or cannot import its packages.
 
     With ``REQUIRE_TORCH_ENV=1`` (set by CI, which builds the environment itself) a missing or
     broken environment fails the test instead: parity checks must not silently vanish.
     """
-    reason = torch_skip_reason(tuple(extra_modules))
+    reason = torch_skip_reason()
+    if reason is None:
+        return
+    if os.environ.get("REQUIRE_TORCH_ENV") == "1":
+        pytest.fail(f"REQUIRE_TORCH_ENV=1 but {reason}")
+    pytest.skip(reason)
+
+
+@functools.cache
+def _missing_torch_packages(modules: tuple[str, ...]) -> str | None:
+    python = torch_python()
+    if not python.exists():
+        return f"torch environment not found at {python} (set TORCH_PYTHON or build .venv-torch)"
+    probe = (
+        "import importlib.util, sys; "
+        f"missing = [m for m in {list(modules)!r} if importlib.util.find_spec(m) is None]; "
+        "print(*missing); sys.exit(1 if missing else 0)"
+    )
+    result = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, env=_clean_env(), check=False
+    )
+    if result.returncode != 0:
+        return f"torch environment at {python} lacks {result.stdout.strip() or result.stderr}"
+    return None
+
+
+def require_torch_packages(*modules: str) -> None:
+    """Like :func:`require_torch_env`, for tests that only run their own torch-side processes:
+    checks that the torch interpreter finds ``modules`` without importing them (milliseconds,
+    where the import probe costs seconds); a broken install then fails in the test itself."""
+    reason = _missing_torch_packages(tuple(modules))
     if reason is None:
         return
     if os.environ.get("REQUIRE_TORCH_ENV") == "1":
