@@ -24,8 +24,10 @@ if [[ " $* " == *" --torch "* ]]; then
     "$torch_python" -m venv .venv-torch
   fi
   # These torch/torchvision versions import together (PyPI's newest torchvision may not match).
+  # transformers: the DPT depth expert of the CLIPTeX pseudo-labels; geffnet: the layout the
+  # NLL-AngMF normals checkpoints were saved in (its tests compare against it).
   .venv-torch/bin/python -m pip install -q --upgrade pip
   .venv-torch/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 open_clip_torch timm \
-    safetensors numpy ftfy regex
-  echo "set-up: .venv-torch ready ($(.venv-torch/bin/python -c 'import torch, open_clip, timm; print("torch", torch.__version__, "open_clip", open_clip.__version__, "timm", timm.__version__)'))"
+    safetensors numpy ftfy regex transformers geffnet
+  echo "set-up: .venv-torch ready ($(.venv-torch/bin/python -c 'import torch, open_clip, timm, transformers, geffnet; print("torch", torch.__version__, "open_clip", open_clip.__version__, "timm", timm.__version__, "transformers", transformers.__version__)'))"
 fi

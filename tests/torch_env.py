@@ -98,6 +98,36 @@ def require_torch_env() -> None:
     pytest.skip(reason)
 
 
+@functools.cache
+def _missing_torch_packages(modules: tuple[str, ...]) -> str | None:
+    python = torch_python()
+    if not python.exists():
+        return f"torch environment not found at {python} (set TORCH_PYTHON or build .venv-torch)"
+    probe = (
+        "import importlib.util, sys; "
+        f"missing = [m for m in {list(modules)!r} if importlib.util.find_spec(m) is None]; "
+        "print(*missing); sys.exit(1 if missing else 0)"
+    )
+    result = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, env=_clean_env(), check=False
+    )
+    if result.returncode != 0:
+        return f"torch environment at {python} lacks {result.stdout.strip() or result.stderr}"
+    return None
+
+
+def require_torch_packages(*modules: str) -> None:
+    """Like :func:`require_torch_env`, for tests that only run their own torch-side processes:
+    checks that the torch interpreter finds ``modules`` without importing them (milliseconds,
+    where the import probe costs seconds); a broken install then fails in the test itself."""
+    reason = _missing_torch_packages(tuple(modules))
+    if reason is None:
+        return
+    if os.environ.get("REQUIRE_TORCH_ENV") == "1":
+        pytest.fail(f"REQUIRE_TORCH_ENV=1 but {reason}")
+    pytest.skip(reason)
+
+
 def run_torch_script(
     script: str | Path, *args: str | Path, timeout: float = DEFAULT_TIMEOUT_S
 ) -> subprocess.CompletedProcess:
