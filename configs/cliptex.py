@@ -158,28 +158,34 @@ def get_config(arg: str | None = None) -> ConfigDict:
         }
     )
     if args.runlocal:
-        apply_runlocal(config, args.baseline)
+        apply_runlocal(config, args.baseline, args.variant)
     return config
 
 
-def apply_runlocal(config: ConfigDict, baseline: bool) -> None:
-    """The Quick start's CLIP (64 px ViT) fine-tuned for 500 steps on the embedded scenes'
-    ``unlabelled`` config, which the three :runlocal experts (dense fine-tunes of the same CLIP
-    on the ``dense`` config's scenes) label first (workdirs/cliptex_scenes)."""
+# The :runlocal CLIP each variant fine-tunes (the ViTs shrink to the same small model).
+RUNLOCAL_CLIPS = {
+    "B/16": ("configs/clip_vitb16.py:runlocal", "workdirs/clip_runlocal"),
+    "H/16": ("configs/clip_vitb16.py:runlocal", "workdirs/clip_runlocal"),
+    "RN50": ("configs/clip_rn50.py:runlocal", "workdirs/clip_rn50_runlocal"),
+}
+
+
+def apply_runlocal(config: ConfigDict, baseline: bool, variant: str) -> None:
+    """The :runlocal CLIP (the Quick start's 64 px ViT; workdirs/clip_rn50_runlocal for RN50)
+    fine-tuned for 500 steps on the embedded scenes' ``unlabelled`` config, which the three
+    :runlocal experts (dense fine-tunes of the Quick start's CLIP on the ``dense`` config's
+    scenes) label first (workdirs/cliptex_scenes)."""
     config.total_steps = 500
     config.batch_size = 64
     config.schedule.update({"warmup_steps": 50, "peak_lr": 1e-4, "end_lr": 1e-6})
     config.data.image_size = 64
     config.data.random_resized_crop_scale = (0.5, 1.0)
     config.data.variable_resolution.update({"min_scale": 0.75, "max_scale": 1.25, "multiple": 8})
-    config.model.image.pos_embed_grid = 8  # the Quick start's 64 px / patch 8
+    if variant in PRETRAINED_GRID:
+        config.model.image.pos_embed_grid = 8  # the Quick start's 64 px / patch 8
+    recipe, workdir = RUNLOCAL_CLIPS[variant]
     config.init.clip_from = ConfigDict(
-        {
-            "source": "workdir",
-            "config": "configs/clip_vitb16.py:runlocal",
-            "workdir": "workdirs/clip_runlocal",
-            "step": "best",
-        }
+        {"source": "workdir", "config": recipe, "workdir": workdir, "step": "best"}
     )
     config.cliptex.update({"num_classes": 7, "max_depth": 1e3})  # ground + 6 shapes
     config.cliptex.head.update({"channels": 64})

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tiny_cliptex_config
 import tiny_dense_config
+from compile_recipe import compile_recipe
 from ml_collections import ConfigDict
 from PIL import Image
 from safetensors.numpy import load_file
@@ -306,3 +307,54 @@ def test_tiny_run_logs_each_term_and_exports_a_plain_clip(tmp_path, teacher_work
     exported = load_file(next(p for p in (tmp_path / "export").rglob("*.safetensors")))
     assert exported and not any("pseudo" in key or "psp" in key for key in exported)
     assert path
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("variant", ["B/16", "H/16", "RN50"])
+def test_recipes_are_table_7(variant):
+    from configs.cliptex import get_config
+
+    config = get_config(f"variant={variant}")
+    # 30 epochs of the ~2.9M CC3M pairs at batch 32.
+    assert config.batch_size == 32 and config.total_steps == 2_718_750
+    schedule = config.schedule
+    assert (schedule.decay, schedule.warmup_steps, schedule.warmup_init_lr) == (
+        "cosine",
+        1000,
+        1e-6,
+    )
+    assert (schedule.peak_lr, schedule.end_lr) == (3e-5, 1e-6)
+    assert dict(config.cliptex.loss_weights) == {
+        "clip": 1.0,
+        "segmentation": 0.1,
+        "depth": 1.0,
+        "normals": 1.0,
+    }
+    head = config.cliptex.head
+    assert (head.channels, tuple(head.bins), head.dropout, head.upsample) == (
+        512,
+        (1, 2, 3, 6),
+        0.1,
+        "nearest",
+    )
+    assert config.data.image_size == 512 and config.data.variable_resolution.enabled
+    assert config.cliptex.enabled and not get_config(f"variant={variant},baseline").cliptex.enabled
+    baseline = get_config(f"variant={variant},baseline")
+    assert baseline.schedule == config.schedule and baseline.data == config.data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["B/16", "RN50"])
+def test_full_recipes_compile_on_eight_devices(tmp_path, variant):
+    log = compile_recipe(
+        f"configs/cliptex.py:variant={variant}", tmp_path, "--config.model.dtype=float32"
+    )
+    assert "compile: gflop_per_step" in log
+
+
+@pytest.mark.nightly
+def test_full_vit_h16_recipe_compiles_on_eight_devices(tmp_path):
+    log = compile_recipe("configs/cliptex.py:variant=H/16", tmp_path)
+    assert "compile: gflop_per_step" in log
