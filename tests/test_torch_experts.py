@@ -326,7 +326,7 @@ def test_server_crash_carries_its_stderr():
 
 @pytest.mark.torch
 def test_pseudo_label_tool_with_the_torch_experts(expert_files, tmp_path):
-    """The pseudo-label tool drives the torch experts end to end: 16 tiny scenes labelled by the
+    """The pseudo-label tool drives the torch experts end to end: 4 tiny scenes labelled by the
     three random-weight experts, stored and read back as CLIPTeX's training reads them."""
     import tiny_cliptex_config
     from ml_collections import ConfigDict
@@ -338,8 +338,8 @@ def test_pseudo_label_tool_with_the_torch_experts(expert_files, tmp_path):
 
     folder, _, _, _ = expert_files
     config = tiny_cliptex_config.get_config(f",{tmp_path / 'labelled'}")
-    config.pseudo_label.source.split = "train[:16]"
-    config.pseudo_label.samples_per_shard = 8
+    config.pseudo_label.source.split = "train[:4]"
+    config.pseudo_label.samples_per_shard = 2
     config.pseudo_label.torch_python = str(torch_python())
     config.pseudo_label.experts = ConfigDict(
         {
@@ -360,7 +360,7 @@ def test_pseudo_label_tool_with_the_torch_experts(expert_files, tmp_path):
     )
     with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
         manifest = pseudo_label.pseudo_label(config)
-    assert manifest["written"] == 16 and manifest["num_shards"] == 2
+    assert manifest["written"] == 4 and manifest["num_shards"] == 2
     assert set(manifest["labelled"]) == {"segmentation", "depth", "normals"}
     source = image_text.make_source(
         {"source": "webdataset", "shards": str(tmp_path / "labelled" / "pseudo-*.tar")},
@@ -369,6 +369,6 @@ def test_pseudo_label_tool_with_the_torch_experts(expert_files, tmp_path):
     for index in range(len(source)):
         record = source[index]
         for target, count in manifest["labelled"].items():
-            if count == 16:  # every sample has this target's member
+            if count == 4:  # every sample has this target's member
                 label = dense_targets.read_target(record, target)
                 assert label.shape[:2] == (32, 32)
