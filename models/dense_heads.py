@@ -82,6 +82,22 @@ def resized_logits(logits: jax.Array, output_size: tuple[int, int], method: str)
     return upsample_to(logits.astype(jnp.float32), as_size(output_size), method)
 
 
+def pyramid_pooled(head: nn.Module, features: Sequence[jax.Array], train: bool) -> jax.Array:
+    """The last map through ``psp``, a :class:`~models.pyramid.PyramidPoolingModule` with the
+    calling head's ``channels``, ``bins``, ``dropout``, ``bn_groups`` and dtypes (call it from the
+    head's compact ``__call__``)."""
+    x = check_features(features)[-1].astype(head.dtype)
+    return PyramidPoolingModule(
+        head.channels,
+        head.bins,
+        dropout=head.dropout,
+        bn_groups=head.bn_groups,
+        dtype=head.dtype,
+        param_dtype=head.param_dtype,
+        name="psp",
+    )(x, train=train)
+
+
 def top_down_sums(laterals: Sequence[jax.Array]) -> list[jax.Array]:
     """FPN's top-down path over levels given finest first: from the coarsest down, each level
     plus the sum formed at the next coarser one, resized (bilinear, align_corners=False, as
@@ -163,16 +179,7 @@ class PSPHead(nn.Module):
     def __call__(
         self, features: Sequence[jax.Array], output_size: tuple[int, int], *, train: bool = False
     ) -> jax.Array:
-        x = check_features(features)[-1].astype(self.dtype)
-        x = PyramidPoolingModule(
-            self.channels,
-            self.bins,
-            dropout=self.dropout,
-            bn_groups=self.bn_groups,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="psp",
-        )(x, train=train)
+        x = pyramid_pooled(self, features, train)
         logits = classifier_conv(self.num_outputs, self.dtype, self.param_dtype)(x)
         return resized_logits(logits, output_size, self.upsample)
 
@@ -259,16 +266,7 @@ class MultiTaskPSPHeads(nn.Module):
     def __call__(
         self, features: Sequence[jax.Array], output_size: tuple[int, int], *, train: bool = False
     ) -> dict[str, jax.Array]:
-        x = check_features(features)[-1].astype(self.dtype)
-        x = PyramidPoolingModule(
-            self.channels,
-            self.bins,
-            dropout=self.dropout,
-            bn_groups=self.bn_groups,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="psp",
-        )(x, train=train)
+        x = pyramid_pooled(self, features, train)
         results = {}
         for name, count in self.outputs:
             head = classifier_conv(count, self.dtype, self.param_dtype, name=f"head_{name}")
