@@ -26,8 +26,7 @@ for target in segmentation depth normals; do
   loss=()
   [[ $target == depth ]] && loss=(--config.dense.loss=l1)  # an expert predicts depth itself
   train "$runs/cliptex_experts/$target" \
-    --config="configs/dense_probe.py:runlocal,task=$target,head=pspnet,mode=finetune" \
-    --config.schedule.peak_lr=3e-4 "${loss[@]}"
+    --config="configs/dense_probe.py:runlocal,task=$target,head=pspnet,mode=finetune" "${loss[@]}"
 done
 
 train "$runs/clip_ft_runlocal" --config=configs/cliptex.py:runlocal,baseline
