@@ -288,6 +288,13 @@ def fit_report(config: ConfigDict) -> dict[str, Any]:
     ``config.compile.batch_search`` says) find the largest per-device batch that fits."""
     target = resolve_target(config)
     run, cost = measure_step(config, target.devices)
+    logging.info(
+        "compile: %s, per-device batch %d needs %.3f GiB of %.2f",
+        target.name,
+        cost.per_device_batch,
+        cost.total_bytes / GIB,
+        target.memory_bytes / GIB,
+    )
     report: dict[str, Any] = {
         "target": target.name,
         "devices": len(target.devices),

@@ -1,7 +1,7 @@
 """``--mode=compile``'s fit report (pretrain/compile_fit.py): the search for the largest batch
 that fits, the per-device memory of a step compiled for the 8 CPU devices (checked against the
 state's and batch's shard sizes), and a step compiled for a TPU topology with no TPU attached
-(needs libtpu: skipped without it unless REQUIRE_LIBTPU=1, as in CI's newest-JAX leg)."""
+(needs libtpu, slow: skipped without it unless REQUIRE_LIBTPU=1, as in CI's slow tests)."""
 
 from __future__ import annotations
 
@@ -107,10 +107,11 @@ def test_cpu_mesh_report_holds_the_state_and_batch_shards_and_judges_the_fit():
 def libtpu_or_skip():
     if importlib.util.find_spec("libtpu") is None:
         if os.environ.get("REQUIRE_LIBTPU") == "1":
-            pytest.fail("REQUIRE_LIBTPU=1 but libtpu is not installed (EXTRAS=test,tpu)")
+            pytest.fail("REQUIRE_LIBTPU=1 but libtpu is not installed (launch/setup.sh --libtpu)")
         pytest.skip('needs libtpu (`pip install "jax[tpu]"`)')
 
 
+@pytest.mark.slow  # minutes of TPU compilation on a small CPU
 def test_step_compiles_for_a_tpu_topology_without_a_tpu():
     """A v5e 2x2 slice described by libtpu: the step compiles for its 4 chips from this CPU, the
     report takes the chip's 16 GiB of HBM and its peak FLOP/s, and the state's shards are those
