@@ -58,6 +58,10 @@ def set_run_defaults(config: ConfigDict) -> None:
     config.log_every_steps = 100
     config.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     config.distributed = "auto"
+    # --mode=compile: for a TPU topology (e.g. "v5e:16x16", with libtpu installed) instead of the
+    # local devices; memory per device in GiB (0: the chip's HBM, or host memory / CPU devices);
+    # when to search the largest per-device batch that fits (always, never, topology).
+    config.compile = ConfigDict({"topology": "", "memory_gib": 0.0, "batch_search": "topology"})
 
 
 def set_runlocal_evaluation(config: ConfigDict, sets: dict[str, Any], best_metric: str) -> None:

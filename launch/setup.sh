@@ -3,20 +3,40 @@
 #   bash launch/setup.sh            # .venv for training and tests (CPU JAX)
 #   bash launch/setup.sh --torch    # also .venv-torch: PyTorch + open_clip + timm for export parity tests
 #   EXTRAS=gpu bash launch/setup.sh # CUDA 12 JAX instead of CPU JAX (EXTRAS=tpu on TPU VMs)
+#   bash launch/setup.sh --libtpu   # + libtpu (for the installed jax): --mode=compile for TPU
+#                                   # topologies from this machine, no TPU needed
+#   PYTHON=python3.12 VENV=.venv-newest bash launch/setup.sh --upgrade
+#                                   # another interpreter and folder; --upgrade takes the newest
+#                                   # release of every dependency (also in an existing folder)
+#   bash launch/setup.sh --lower-bounds   # JAX libraries at pyproject's lower bounds (CI)
 # PyTorch lives in its own environment because training never needs it and its CUDA build is large.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+venv=${VENV:-.venv}
 extras=${EXTRAS:-test}
-
-if [[ ! -x .venv/bin/python ]]; then
-  "$python" -m venv .venv
+upgrade=()
+if [[ " $* " == *" --upgrade "* ]]; then
+  upgrade=(--upgrade --upgrade-strategy eager)
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${extras}]"
-echo "set-up: .venv ready ($(.venv/bin/python -c 'import jax; print("jax", jax.__version__)'))"
-# WordNet for CatLIP's caption labels, into .venv/nltk_data (offline on Debian/Ubuntu).
-.venv/bin/python -m pretrain.data.synsets.wordnet
+if [[ " $* " == *" --lower-bounds "* ]]; then
+  upgrade+=(--constraint .ci/lower_bounds.txt)  # the lowest versions pyproject.toml allows
+fi
+
+if [[ ! -x $venv/bin/python ]]; then
+  "$python" -m venv "$venv"
+fi
+"$venv"/bin/python -m pip install -q --upgrade pip
+"$venv"/bin/python -m pip install -q "${upgrade[@]}" -e ".[${extras}]"
+echo "set-up: $venv ready ($("$venv"/bin/python -c 'import sys, jax, flax, optax, orbax.checkpoint as ocp, grain
+print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, orbax-checkpoint {ocp.__version__}, grain {grain.__version__}")'))"
+if [[ " $* " == *" --libtpu "* ]]; then
+  # jax[tpu] of the installed version: libtpu without changing jax.
+  jax_version=$("$venv"/bin/python -c 'import jax; print(jax.__version__)')
+  "$venv"/bin/python -m pip install -q "jax[tpu]==$jax_version"
+fi
+# WordNet for CatLIP's caption labels, into $venv/nltk_data (offline on Debian/Ubuntu).
+"$venv"/bin/python -m pretrain.data.synsets.wordnet
 
 if [[ " $* " == *" --torch "* ]]; then
   torch_python=${TORCH_PYTHON_BASE:-python3.11}

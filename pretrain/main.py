@@ -6,6 +6,7 @@ With the same config and workdir:
   --mode=evaluate [--step=best] [--ema]     evaluate a saved checkpoint
   --mode=export [--export_dir=DIR]          write it in the task's PyTorch form (open_clip, timm)
   --mode=compile                            compile one sharded step, no data: does it fit?
+    [--config.compile.topology=v5e:16x16]   ... on a TPU slice, from this machine (libtpu)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _MODE = flags.DEFINE_enum(
     ["train", "evaluate", "export", "compile"],
     "train (resumes when the workdir has checkpoints); evaluate or export a saved checkpoint; "
     "compile: build, shard and compile one train step without data or weights (checks a recipe "
-    "fits its devices).",
+    "fits its devices, or --config.compile.topology's TPU slice).",
 )
 _STEP = flags.DEFINE_string("step", "latest", "evaluate/export: 'latest', 'best' or a step.")
 _EMA = flags.DEFINE_bool("ema", False, "evaluate/export: use the EMA parameters.")

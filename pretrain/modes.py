@@ -3,47 +3,37 @@ workdir's state, which evaluation, export and other runs (teachers, probes) star
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from pretrain import sharding
+from pretrain import compile_fit, sharding
 from pretrain.checkpoint import Checkpointer
 from pretrain.run import Run
 from pretrain.saved_config import check_matches_training_config
-from pretrain.state import State, count_params, evaluate_weights, weights
+from pretrain.state import State, evaluate_weights, weights
 from pretrain.task import Task
 
 
-def compile_train_step(config: ConfigDict) -> dict[str, float]:
-    """Build, shard and compile one train step of ``config`` without data or weights.
+def compile_train_step(config: ConfigDict) -> dict[str, Any]:
+    """Build, shard and compile one train step of ``config`` without data or weights, for the
+    local devices or ``config.compile.topology`` (a TPU slice, compiled from any machine).
 
-    Checks that a recipe fits its mesh before a long job starts: returns XLA's FLOP count of the
-    step and the per-device memory of its arguments, outputs and temporaries (when the backend
-    reports them).
+    Checks that a recipe fits before a long job starts: returns XLA's FLOP count of the step,
+    the per-device memory of its arguments, outputs and temporaries against the device's memory,
+    whether it fits and (``config.compile.batch_search``) the largest per-device batch that does.
     """
-    run = Run.build(config)
-    batch = {
-        name: jax.ShapeDtypeStruct(
-            s.shape, s.dtype, sharding=sharding.batch_sharding(run.mesh, s.ndim)
-        )
-        for name, s in run.task.batch_spec(int(config.batch_size)).items()
-    }
-    compiled = run.train_step.lower(run.layout.abstract_with_shardings(), batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    report = {
-        "parameters": float(count_params(run.layout.abstract["params"])),
-        "gflop_per_step": float(cost.get("flops", float("nan"))) / 1e9,
-    }
-    memory = compiled.memory_analysis()
-    if memory is not None:
-        for name in ("argument", "output", "temp", "generated_code"):
-            value = getattr(memory, f"{name}_size_in_bytes", None)
-            if value is not None:
-                report[f"{name}_gib_per_device"] = value / 2**30
-    for name, value in report.items():
-        logging.info("compile: %s = %.4g", name, value)
+    report = compile_fit.fit_report(config)
+    cost = report["cost"]
+    logging.info("compile: parameters = %.4g", report["parameters"])
+    logging.info("compile: gflop_per_step = %.4g", report["gflop_per_step"])
+    for name in ("argument", "output", "temp"):
+        value = getattr(cost, f"{name}_bytes") / compile_fit.GIB
+        report[f"{name}_gib_per_device"] = value
+        logging.info("compile: %s_gib_per_device = %.4g", name, value)
+    print(compile_fit.format_report(report), flush=True)
     return report
 
 

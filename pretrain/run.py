@@ -4,7 +4,8 @@ mesh, the task, the optimizer, the state's layout and the jitted train step."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -33,9 +34,10 @@ class Run:
     train_step: Callable
 
     @classmethod
-    def build(cls, config: ConfigDict) -> Run:
-        """Everything but data and weights; fails here, at start-up, on what cannot run."""
-        mesh = sharding.make_mesh(config.mesh)
+    def build(cls, config: ConfigDict, devices: Sequence[Any] | None = None) -> Run:
+        """Everything but data and weights; fails here, at start-up, on what cannot run.
+        ``devices``: the mesh's devices (default all), e.g. a TPU topology's to compile for."""
+        mesh = sharding.make_mesh(config.mesh, devices)
         sharding.check_processes_own_distinct_rows(mesh)
         task = build_task(config, mesh)
         tx, schedule = make_optimizer(config)

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -87,7 +88,13 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
     if devices == jax.devices():
         # make_mesh orders devices for the physical topology (ICI rings on TPU, NVLink on GPU).
         return jax.make_mesh(shape, MESH_AXES, **_axis_type_kwargs(len(shape)))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, **_axis_type_kwargs(len(shape)))
+    if devices[0].platform == "tpu":
+        # Other TPU devices (e.g. a topology described for compiling ahead of time): the same
+        # physical ordering.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, **_axis_type_kwargs(len(shape)))
 
 
 def path_to_name(path: Sequence[Any]) -> str:

@@ -63,9 +63,9 @@ def make_train_step(
         metrics = {
             **output.metrics,
             "loss": output.loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             # Also catches an update that overflowed although its loss and gradient were finite.
-            "param_norm": optax.global_norm(new_params),
+            "param_norm": optax.tree.norm(new_params),
             "learning_rate": schedule(state["step"]),
         }
         return new_state, metrics
