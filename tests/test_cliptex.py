@@ -7,6 +7,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,7 @@ from pretrain.pseudo_labels.members import LabelEncoding, label_members
 from pretrain.run import Run
 
 SIZE = 24
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _predictions(rng: np.random.Generator, height: int = SIZE, width: int = SIZE + 8) -> dict:
@@ -358,3 +363,64 @@ def test_full_recipes_compile_on_eight_devices(tmp_path, variant):
 def test_full_vit_h16_recipe_compiles_on_eight_devices(tmp_path):
     log = compile_recipe("configs/cliptex.py:variant=H/16", tmp_path)
     assert "compile: gflop_per_step" in log
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_a_killed_cliptex_run_resumes_to_the_same_parameters(tmp_path):
+    """Variable-resolution batches, BatchNorm heads, dropout: a run killed after its step-3
+    checkpoint and restarted ends with the parameters, statistics and optimizer state of a run
+    that was never stopped."""
+    from test_trainer import finished_steps, wait_for_checkpoint
+
+    labelled = _labelled_shards(tmp_path / "labelled", count=96)
+    arg = f",{labelled}"
+
+    def launch(workdir):
+        command = [
+            sys.executable,
+            "-m",
+            "pretrain.main",
+            f"--config=tests/tiny_cliptex_config.py:{arg}",
+            f"--workdir={workdir}",
+            "--config.pseudo_label.build_if_missing=False",
+            "--config.eval.every_steps=0",
+        ]
+        # The tiny config imports its siblings from tests/.
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "",
+            "PYTHONPATH": str(REPO / "tests"),
+        }
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    reference = launch(tmp_path / "reference")
+    assert reference.wait(timeout=900) == 0, reference.stdout.read()
+    interrupted = launch(tmp_path / "interrupted")
+    wait_for_checkpoint(interrupted, tmp_path / "interrupted", 3, timeout=900)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait(timeout=60)
+    assert max(finished_steps(tmp_path / "interrupted")) < 6
+    resumed = launch(tmp_path / "interrupted")
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0 and "resumed from checkpoint" in output, output
+
+    config = tiny_cliptex_config.get_config(arg)
+    config.pseudo_label.build_if_missing = False
+    config.eval.every_steps = 0
+    states = [
+        jax.device_get(modes.restore_trained(config, str(tmp_path / run), "6")[1])
+        for run in ("reference", "interrupted")
+    ]
+    for part in ("params", "model_state", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, states[1][part], states[0][part])
