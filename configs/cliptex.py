@@ -153,6 +153,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "batch_size": 32,
             "label_max_side": BASE_RESOLUTION,
             "min_labelled_fraction": 0.0,
+            # Depth relative to each image's median (DPT's is relative; a metric expert's too).
+            "relative_depth": True,
             "depth_member": "depth.png",
             "normals_member": "normals.png",
         }

@@ -16,8 +16,9 @@ aligns them with the image's crops).
 ``output_dir``, ``samples_per_shard``, ``experts`` (target -> expert spec, see
 pretrain/pseudo_labels/experts.py: runs of this project or PyTorch experts), ``torch_python``
 (the torch environment's interpreter; default ``.venv-torch/bin/python``), ``batch_size``,
-``label_max_side`` (0: the image's own size), ``min_labelled_fraction``, ``depth_member``,
-``normals_member``, ``build_if_missing`` (CLIPTeX's :runlocal makes its shards before training).
+``label_max_side`` (0: the image's own size), ``min_labelled_fraction``, ``relative_depth``
+(depth divided by each image's median), ``depth_member``, ``normals_member``,
+``build_if_missing`` (CLIPTeX's :runlocal makes its shards before training).
 
 Shards are written one at a time under temporary names and renamed; finished ones are kept, so an
 interrupted job resumes (pretrain/data/webdataset/shard_job.py). ``pseudo_label_job.json`` holds
@@ -106,6 +107,7 @@ def label_encoding(settings: ConfigDict) -> LabelEncoding:
         normals_member=str(settings.normals_member),
         ignore_label=int(settings.get("ignore_label", 255)),
         min_labelled_fraction=float(settings.min_labelled_fraction),
+        relative_depth=bool(settings.relative_depth),
     )
 
 
@@ -119,6 +121,7 @@ def job_description(settings: ConfigDict) -> dict[str, Any]:
         "min_labelled_fraction": float(settings.min_labelled_fraction),
         "depth_member": str(settings.depth_member),
         "normals_member": str(settings.normals_member),
+        "relative_depth": bool(settings.relative_depth),
     }
 
 

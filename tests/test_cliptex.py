@@ -57,6 +57,7 @@ def test_label_members_round_trip_through_the_dense_reader(exact):
     storage = LabelEncoding(
         depth_member="depth.npy" if exact else "depth.png",
         normals_member="normals.npy" if exact else "normals.png",
+        relative_depth=False,
     )
     members, shares = label_members(predictions, storage)
     assert shares["segmentation"] == pytest.approx(1 - 3 / SIZE)
@@ -75,6 +76,17 @@ def test_label_members_round_trip_through_the_dense_reader(exact):
         cosine = np.sum(read["normals"] * predictions["normals"], axis=-1)[labelled]
         assert np.degrees(np.arccos(np.clip(cosine, -1, 1))).max() < 0.5
         assert not read["normals"][~labelled].any()
+
+
+def test_relative_depth_is_divided_by_the_images_median():
+    predictions = _predictions(np.random.default_rng(4))
+    members, _ = label_members(predictions, LabelEncoding(depth_member="depth.npy"))
+    depth = dense_targets.read_target({"image": None, **members}, "depth")
+    valid = predictions["depth"] > 0
+    np.testing.assert_array_equal(depth > 0, valid)
+    np.testing.assert_allclose(
+        depth[valid], predictions["depth"][valid] / np.median(predictions["depth"][valid]), 1e-6
+    )
 
 
 def test_a_target_below_the_labelled_share_gets_no_member():
@@ -118,7 +130,7 @@ def _tool_config(tmp_path, expert: str) -> ConfigDict:
     config.pseudo_label.experts = ConfigDict(
         {"depth": {"kind": "workdir", "workdir": expert, "step": "latest"}}
     )
-    config.pseudo_label.depth_member = "depth.npy"
+    config.pseudo_label.update({"depth_member": "depth.npy", "relative_depth": False})
     return config
 
 

@@ -16,6 +16,9 @@ CLIPTeX's training read them back:
 
 A target whose labelled share of pixels is below ``min_labelled_fraction`` gets no member: the
 expert gave no usable label there (CLIPTeX then leaves the example out of that task's loss).
+With ``relative_depth`` each image's depth is divided by its median valid depth before it is
+stored: monocular depth is known up to scale (DPT's is relative already), and labels of order 1
+keep an L1 depth term comparable to the other losses whatever unit an expert predicts in.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LabelEncoding:
     normals_member: str = layout.NORMALS_PNG
     ignore_label: int = 255
     min_labelled_fraction: float = 0.0
+    relative_depth: bool = True
 
     def __post_init__(self) -> None:
         if self.depth_member not in DEPTH_MEMBERS:
@@ -64,7 +68,10 @@ def labelled(target: str, array: np.ndarray, ignore_label: int) -> np.ndarray:
 
 def _depth_member(depth: np.ndarray, storage: LabelEncoding) -> tuple[str, bytes]:
     valid = labelled("depth", depth, storage.ignore_label)
-    depth = np.where(valid, depth, 0.0).astype(np.float32)
+    depth = np.where(valid, depth, 0.0)
+    if storage.relative_depth:
+        depth = depth / np.median(depth[valid])  # the caller stores only labelled images
+    depth = depth.astype(np.float32)
     if storage.depth_member == layout.DEPTH_NPY:
         return layout.DEPTH_NPY, encoding.encode_npy(depth)
     # Beyond the 16-bit range: no label rather than a wrong one.
